@@ -1,0 +1,1 @@
+"""Tokenizer, embedded corpus and token-file preparation for pretraining."""
