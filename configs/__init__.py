@@ -1,0 +1,79 @@
+"""
+The small configurator every stage script shares.
+
+A stage script defines its settings as plain module globals, then calls
+
+    from configs import configure
+    configure(globals())
+
+which applies, in order, an optional config file (`python sft.py configs/x.py`)
+and `--key=value` overrides. A config file is ordinary Python that assigns some
+of the script's globals. Values on the command line are parsed with
+ast.literal_eval (so `--lr=3e-4 --compile=True --betas=(0.9,0.95)`), falling back
+to the raw string (`--out_dir=out/run1`). Unknown keys and values of the wrong
+type stop the run with a message naming the key, where it came from, and the
+closest known keys — a typo should never silently train with a default.
+"""
+
+import ast
+import difflib
+import sys
+
+
+def _known_keys(g):
+    return {k: v for k, v in g.items()
+            if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, list, dict, type(None)))}
+
+
+def _check_and_set(g, known, key, value, where):
+    if key not in known:
+        close = difflib.get_close_matches(key, known.keys(), n=3, cutoff=0.6)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise SystemExit(f"config error: unknown key '{key}' ({where}).{hint}\n"
+                         f"  known keys: {', '.join(sorted(known))}")
+    default = known[key]
+    if default is not None and value is not None:
+        ok = isinstance(value, type(default))
+        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True  # --lr=1 means 1.0
+        if isinstance(default, bool) != isinstance(value, bool):
+            ok = False  # True is an int in Python; don't let --n_layer=True or --compile=1 through
+        if isinstance(default, (tuple, list)) and isinstance(value, (tuple, list)):
+            value, ok = type(default)(value), True
+        if not ok:
+            raise SystemExit(f"config error: '{key}' ({where}) expects {type(default).__name__} "
+                             f"like {default!r}, got {type(value).__name__} {value!r}")
+    g[key] = value
+    known[key] = value if value is not None else known[key]
+
+
+def configure(g, argv=None):
+    """Apply a config file and --key=value overrides from argv (default sys.argv[1:]) to the globals dict g."""
+    argv = sys.argv[1:] if argv is None else argv
+    known = _known_keys(g)
+    for arg in argv:
+        if not arg.startswith("--"):
+            if not arg.endswith(".py"):
+                raise SystemExit(f"config error: '{arg}' is neither a config file (*.py) nor --key=value")
+            try:
+                source = open(arg).read()
+            except OSError as e:
+                raise SystemExit(f"config error: cannot read config file {arg}: {e.strerror}")
+            scope = {}
+            exec(compile(source, arg, "exec"), scope)
+            for key, value in scope.items():
+                if key.startswith("_") or type(value).__name__ == "module":
+                    continue
+                _check_and_set(g, known, key, value, f"in {arg}")
+        else:
+            if "=" not in arg:
+                raise SystemExit(f"config error: '{arg}' needs a value: write {arg}=VALUE")
+            key, raw = arg[2:].split("=", 1)
+            try:
+                value = ast.literal_eval(raw)
+            except (ValueError, SyntaxError):
+                value = raw  # a bare string such as --out_dir=out/run1
+            if isinstance(known.get(key), str) and not isinstance(value, str):
+                value = raw  # --wandb_run_name=123 stays a string
+            _check_and_set(g, known, key, value, f"from --{key}")
+    return {k: g[k] for k in known}

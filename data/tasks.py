@@ -1,0 +1,114 @@
+"""
+The bundled task family: small questions with exactly checkable answers.
+
+SFT trains on them, the reward model and DPO learn from (correct, wrong) pairs
+of them, and GRPO uses `is_correct` as its verifiable reward. Everything is
+generated from a seed, so no download is needed and runs are reproducible.
+
+Tasks (answers are short, so a tiny CPU model can learn them in minutes):
+  add      "What is 37 + 58?"                       -> "95"
+  reverse  "Reverse the letters: q w e r"           -> "r e w q"
+  sort     "Sort the digits: 5 1 8 3"               -> "1 3 5 8"
+  count    "How many times does x appear in: x b x" -> "2"
+  max      "Which is largest: 41, 7, 63?"           -> "63"
+Letters and digits are space-separated so each one is its own token.
+
+Train and test are disjoint by construction: a question belongs to the test split
+iff a hash of its text falls in the test bucket, whichever seed generated it.
+Scoring parses the answer out of the model's text and compares strings; it never
+executes or evaluates model output.
+"""
+
+import hashlib
+import random
+import re
+
+TASKS = ("add", "reverse", "sort", "count", "max")
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def _make(task, rng):
+    if task == "add":
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        return f"What is {a} + {b}?", str(a + b)
+    if task == "reverse":
+        s = rng.sample(LETTERS, rng.randint(3, 6))
+        return f"Reverse the letters: {' '.join(s)}", " ".join(reversed(s))
+    if task == "sort":
+        d = [str(rng.randint(0, 9)) for _ in range(rng.randint(3, 6))]
+        return f"Sort the digits: {' '.join(d)}", " ".join(sorted(d))
+    if task == "count":
+        target = rng.choice(LETTERS[:6])
+        s = [rng.choice(LETTERS[:6]) for _ in range(rng.randint(4, 8))]
+        return f"How many times does {target} appear in: {' '.join(s)}", str(s.count(target))
+    if task == "max":
+        nums = [rng.randint(0, 99) for _ in range(3)]
+        return f"Which is largest: {', '.join(map(str, nums))}?", str(max(nums))
+    raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(TASKS)}")
+
+
+def in_test_split(prompt, test_fraction=0.1):
+    h = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "little")
+    return h % 10_000 < test_fraction * 10_000
+
+
+def generate(n, split="train", seed=0, tasks=TASKS, test_fraction=0.1):
+    """n examples dict(task, prompt, answer) of the given split ("train" or "test"), round-robin over tasks.
+    Duplicates within a split are allowed for train (as in any sampled dataset), not for test."""
+    assert split in ("train", "test"), f"split must be 'train' or 'test', got {split!r}"
+    rng = random.Random(f"{split}-{seed}")
+    out, seen = [], set()
+    i = 0
+    while len(out) < n:
+        task = tasks[i % len(tasks)]
+        i += 1
+        prompt, answer = _make(task, rng)
+        if in_test_split(prompt, test_fraction) != (split == "test"):
+            continue
+        if split == "test":
+            if prompt in seen:
+                if i > 1000 * n:
+                    raise ValueError(f"cannot draw {n} distinct test questions from tasks {tasks}")
+                continue
+            seen.add(prompt)
+        out.append(dict(task=task, prompt=prompt, answer=answer))
+    return out
+
+
+def to_messages(example, system=None):
+    """The chat form used by every stage: user question, assistant answer."""
+    msgs = [{"role": "system", "content": system}] if system else []
+    return msgs + [{"role": "user", "content": example["prompt"]},
+                   {"role": "assistant", "content": example["answer"]}]
+
+
+def extract_answer(text):
+    """The model's answer: the text after a closing </think> if there is one, else all of it;
+    first line, whitespace collapsed."""
+    if "</think>" in text:
+        text = text.rsplit("</think>", 1)[1]
+    text = text.strip().split("\n")[0] if text.strip() else ""
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def is_correct(example, completion):
+    return extract_answer(completion) == example["answer"]
+
+
+def wrong_answer(example, rng):
+    """A plausible wrong answer of the same form (the 'rejected' side of a preference pair)."""
+    task, ans = example["task"], example["answer"]
+    for _ in range(100):
+        if task in ("add", "max", "count"):
+            cand = str(max(0, int(ans) + rng.choice([-10, -2, -1, 1, 2, 10])))
+        else:
+            items = ans.split(" ")
+            if task == "reverse" and rng.random() < 0.5:
+                items = items[::-1]  # the unreversed input: a typical mistake
+            else:
+                i, j = rng.sample(range(len(items)), 2)
+                items[i], items[j] = items[j], items[i]
+            cand = " ".join(items)
+        if cand != ans:
+            return cand
+    raise ValueError(f"could not make a wrong answer for {example}")

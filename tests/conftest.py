@@ -1,0 +1,43 @@
+"""Shared fixtures: a tiny random checkpoint in the format every stage writes, and a way to run a stage script."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def tiny_config(**kw):
+    from data.tokenizer import get_tokenizer
+    from model import ModelConfig
+    base = dict(vocab_size=get_tokenizer("default").vocab_size, n_layer=2, n_head=4, n_kv_head=2,
+                n_embd=64, max_seq_len=256, kernels="torch")
+    return ModelConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    """Path of a tiny random-weight checkpoint (default tokenizer), as pretrain.py would write it."""
+    from model import Transformer, checkpoint_dict, save_checkpoint
+    torch.manual_seed(0)
+    model = Transformer(tiny_config())
+    path = str(tmp_path_factory.mktemp("ckpt") / "ckpt.pt")
+    save_checkpoint(path, checkpoint_dict(model, "default", step=0))
+    return path
+
+
+def run_script(args, timeout=600, env=None, cwd=ROOT):
+    """Run `python <args>` (or torchrun when args[0] == "torchrun") from the repo root; return stdout+stderr.
+    Fails the test with the output when the exit code is not 0."""
+    cmd = args if args[0] == "torchrun" else [sys.executable] + list(args)
+    if args[0] == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run"] + list(args[1:])
+    full_env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", **(env or {})}
+    p = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, f"{' '.join(cmd)} exited {p.returncode}:\n{out[-4000:]}"
+    return out
