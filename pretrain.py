@@ -219,13 +219,17 @@ def evaluate():
 
 
 def sample():
+    # every rank runs this: under FSDP each layer's forward all-gathers its shards
     raw_model.eval()
+    prompts = [tok.encode(p) for p in sample_prompts]
+    n_new = min(sample_tokens, seq_len - max(map(len, prompts)))
     with torch.no_grad(), autocast:
-        out = raw_model.generate([tok.encode(p) for p in sample_prompts], sample_tokens, temperature=0.8, top_k=50,
+        out = raw_model.generate(prompts, n_new, temperature=0.8, top_k=50,
                                  stop_tokens=[tok.eot_id], generator=torch.Generator(device).manual_seed(seed))
     raw_model.train()
     for p, ids in zip(sample_prompts, out["tokens"].tolist()):
-        print(f"--- {p!r} ->\n{p}{tok.decode(ids)}")
+        if master:
+            print(f"--- {p!r} ->\n{p}{tok.decode(ids)}")
 
 
 def save(step, val_loss):
@@ -306,8 +310,16 @@ for step in range(start_step, last_step):
         if done % ckpt_interval == 0 or done == last_step:
             save(done, val_loss)
 
+if ddp and parallel == "ddp":
+    # DDP keeps replicas in sync only if every training forward went through the wrapper: check it
+    checksum = torch.stack([p.detach().double().sum() for p in raw_model.parameters()])
+    gathered = [torch.zeros_like(checksum) for _ in range(world)]
+    dist.all_gather(gathered, checksum)
+    assert all(torch.equal(gathered[0], g) for g in gathered), "DDP replicas diverged: parameters differ across ranks"
+    if master:
+        print(f"replicas identical across {world} ranks")
 if master:
     print(f"done: {last_step - start_step} steps in {time.time() - t_start:.0f}s")
-    sample()
+sample()
 if ddp:
     dist.destroy_process_group()
