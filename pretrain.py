@@ -37,9 +37,9 @@ tokenizer = "default"      # used to prepare the embedded corpus and to decode s
 seed = 1337
 # model
 n_layer = 4
-n_head = 4
+n_head = 6
 n_kv_head = 2
-n_embd = 256
+n_embd = 192
 ffn_hidden = None
 seq_len = 256              # training context length (also the model's max_seq_len)
 rope_theta = 10000.0
@@ -59,10 +59,10 @@ kernels = "auto"           # "auto" (Triton on CUDA) | "triton" | "torch"
 # optimisation
 batch_size = 16            # sequences per micro-batch per rank
 grad_accum = 1             # micro-batches per optimizer step
-max_steps = 1500
+max_steps = 300
 lr = 3e-3
 min_lr = 3e-4              # cosine/wsd floor (10% of peak)
-warmup_steps = 50
+warmup_steps = 30
 lr_schedule = "cosine"     # "cosine" | "wsd" | "constant"
 weight_decay = 0.1
 beta1 = 0.9
@@ -77,9 +77,9 @@ device = "auto"            # "auto" | "cpu" | "cuda"
 peak_flops = None          # dense bf16 FLOP/s of one device for MFU; None: looked up from the device name
 # logging, eval, checkpoints
 log_interval = 25
-eval_interval = 250
+eval_interval = 100
 eval_iters = 20
-ckpt_interval = 500
+ckpt_interval = 100
 sample_prompts = ("def ", "import ", "class ")
 sample_tokens = 64
 wandb_log = False
@@ -156,7 +156,8 @@ def val_batches():
 
 
 # model, optimizer -------------------------------------------------------------------------
-model_args = dict(vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd,
+# the embedding is padded to a multiple of 64 rows (fast matmuls); the extra ids never occur in data
+model_args = dict(vocab_size=64 * math.ceil(vocab_size / 64), n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd,
                   ffn_hidden=ffn_hidden, max_seq_len=seq_len, rope_theta=rope_theta, qk_norm=qk_norm,
                   tie_embeddings=tie_embeddings, dropout=dropout, n_experts=n_experts,
                   n_experts_per_tok=n_experts_per_tok, n_shared_experts=n_shared_experts,

@@ -1,0 +1,30 @@
+# A fine-grained MoE (DeepSeekMoE-style): 16 layers, d=1024, 32 routed experts top-4 + 1 shared expert,
+# first layer dense (1.17B parameters in all, 0.26B active per token), aux-loss-free balancing with a
+# small Switch aux loss as a safety net.
+#   torchrun --standalone --nproc_per_node=8 pretrain.py configs/moe.py
+out_dir = "out/moe"
+data = "data/bin/fineweb-edu"
+tokenizer = "gpt2"
+n_layer = 16
+n_head = 16
+n_kv_head = 4
+n_embd = 1024
+seq_len = 2048
+n_experts = 32
+n_experts_per_tok = 4
+n_shared_experts = 1
+moe_ffn_hidden = 704
+first_k_dense = 1
+moe_aux_loss_coef = 0.001
+moe_bias_update_rate = 0.001
+batch_size = 8
+grad_accum = 4
+max_steps = 20000
+lr = 4e-4
+min_lr = 4e-5
+warmup_steps = 1000
+parallel = "ddp"
+compile = False            # the per-expert loop has data-dependent shapes
+log_interval = 10
+eval_interval = 1000
+ckpt_interval = 2000
