@@ -1,0 +1,369 @@
+"""
+Supervised fine-tuning: the next-token loss on the assistant turns of chat conversations.
+
+Starts from any checkpoint an earlier stage wrote (pretrain.py by default) and uses its tokenizer.
+Conversations are rendered with the one ChatML template (data/chat.py); the loss covers every
+assistant turn's content and its <|im_end|>, nothing else. Batches are either length-grouped and
+padded or packed (several conversations per row, per-document positions and attention), see
+data/sft_data.py. The loss is normalised per target token over the whole optimizer step, across
+micro-batches, gradient accumulation and ranks. Full fine-tuning, or LoRA with lora_r > 0.
+
+$ python sft.py                                   # embedded default: data/tasks.py questions, CPU, a few minutes
+$ python sft.py --data=chats.jsonl --val_size=100 # your conversations: OpenAI / ShareGPT / Alpaca records
+$ python sft.py --data=a.jsonl,b.parquet --val_data=held_out.jsonl --skip_bad=True
+$ python sft.py --data=HuggingFaceH4/no_robots --data_split=train   # a hub dataset (needs the network)
+$ python sft.py --lora_r=16 --lora_alpha=32 --lr=3e-3             # LoRA: writes an adapter-only checkpoint
+$ python sft.py --lora_r=16 --merge_lora_on_save=True             # ... or a full checkpoint with adapters merged
+$ torchrun --nproc_per_node=8 sft.py configs/sft_gpu.py           # DDP; --parallel=fsdp for FSDP2
+
+Writes {out_dir}/ckpt.pt: a full checkpoint (model_from_checkpoint loads it; reward.py, dpo.py and
+grpo.py start from out/sft/ckpt.pt), or with LoRA an adapter checkpoint: the adapter weights, the
+LoRA settings and the path of the base checkpoint (model_from_checkpoint loads that too).
+"""
+
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+
+import torch
+import torch.distributed as dist
+
+from data import tasks
+from data.chat import BadRecord, load_conversations, render_prompt
+from data.sft_data import collate_padded, micro_batches, tokenize_conversations
+from data.tokenizer import get_tokenizer
+from model import (Transformer, apply_lora, checkpoint_dict, configure_optimizer, load_checkpoint, lora_modules,
+                   lr_at, merge_lora, model_from_checkpoint, model_state_dict, parallelize, save_checkpoint, unwrap)
+
+# -----------------------------------------------------------------------------
+# config
+# I/O
+init_from = "out/pretrain/ckpt.pt"  # any full or adapter checkpoint
+out_dir = "out/sft"
+# data
+data = "tasks"             # "tasks" (data/tasks.py) | local .json/.jsonl/.parquet files (comma-separated, dir, glob) | hub dataset
+data_split = "train"       # split of a hub dataset
+n_train = 40000            # tasks: number of training questions
+val_data = ""              # held-out conversations; "" = the last val_size conversations of data (tasks: the test split)
+val_size = 200             # held-out conversations for the validation loss
+skip_bad = False           # skip malformed records (with a count) instead of stopping at the first
+packing = True             # pack conversations into rows of max_seq_len (else pad length-grouped batches)
+max_seq_len = 256          # 0 = the model's max_seq_len; longer conversations are truncated
+# batch: global batch = batch_size * grad_accum * world_size (rows when packing, else conversations)
+batch_size = 8
+grad_accum = 1
+max_steps = 300
+# optimizer
+lr = 2e-3                  # high for a tiny model; ~1e-5 to 2e-5 full fine-tuning at scale, ~10x that for LoRA
+min_lr = 2e-4
+warmup_steps = 15
+lr_schedule = "cosine"     # cosine | wsd | constant
+weight_decay = 0.0
+beta1 = 0.9
+beta2 = 0.95
+adam_eps = 1e-8
+grad_clip = 1.0            # 0 = off
+# LoRA (lora_r = 0: full fine-tuning)
+lora_r = 0
+lora_alpha = 16.0
+lora_dropout = 0.05
+lora_targets = "all"       # comma-separated from q,k,v,o,gate,up,down, or "all"
+lora_rslora = False        # scale alpha/sqrt(r) instead of alpha/r
+merge_lora_on_save = False # save a full checkpoint with the adapters merged instead of an adapter checkpoint
+# NEFTune: uniform noise of scale neftune_alpha / sqrt(T * d) on the input embeddings, training only (5-15 typical)
+neftune_alpha = 0.0
+# eval
+eval_interval = 100        # 0 = only before and after training
+eval_accuracy_size = 250   # tasks: held-out questions scored by exact match (greedy generation)
+eval_samples = 3           # sampled replies printed at each eval
+eval_max_new_tokens = 32
+log_interval = 10
+# system
+seed = 1337
+parallel = "ddp"           # under torchrun: ddp | fsdp
+kernels = "auto"           # auto | triton | torch
+compile = False
+wandb_log = False
+wandb_project = "sft"
+wandb_run_name = "sft"
+# -----------------------------------------------------------------------------
+from configs import configure  # noqa: E402
+config = configure(globals())
+
+# -----------------------------------------------------------------------------
+# distributed setup
+ddp = int(os.environ.get("RANK", -1)) != -1
+if ddp:
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+else:
+    rank, world_size = 0, 1
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+master = rank == 0
+log = print if master else (lambda *a, **k: None)
+autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+# -----------------------------------------------------------------------------
+# model and tokenizer
+if not os.path.exists(init_from):
+    hint = "python pretrain.py" if init_from == "out/pretrain/ckpt.pt" else "the stage that writes it"
+    raise SystemExit(f"sft: init checkpoint {init_from} not found. Run `{hint}` first, or pass --init_from=PATH.")
+ckpt = load_checkpoint(init_from)
+tok = get_tokenizer(ckpt["tokenizer"])
+model = model_from_checkpoint(ckpt, "cpu", kernels=kernels)
+del ckpt
+if lora_modules(model):
+    merge_lora(model)  # starting from an adapter checkpoint: fine-tune the merged model
+cfg = model.config
+max_seq_len = min(max_seq_len or cfg.max_seq_len, cfg.max_seq_len)
+
+lora = None
+if lora_r > 0:
+    targets = "all" if lora_targets == "all" else tuple(t.strip() for t in lora_targets.split(","))
+    lora = dict(targets=targets, r=lora_r, alpha=lora_alpha, dropout=lora_dropout, rslora=lora_rslora)
+    torch.manual_seed(seed)  # the same adapter init on every rank (FSDP does not broadcast parameters)
+    apply_lora(model, **lora)
+torch.manual_seed(seed + rank)
+
+if neftune_alpha > 0:
+    def neftune(module, inputs, emb):
+        # NEFTune (Jain et al. 2023): noise only while training, so eval and generation see clean embeddings
+        if not module.training:
+            return emb
+        scale = neftune_alpha / math.sqrt(emb.shape[-2] * emb.shape[-1])
+        return emb + torch.empty_like(emb).uniform_(-scale, scale)
+    model.tok_emb.register_forward_hook(neftune)
+
+model.to(device)
+n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+log(f"init from {init_from}: {model.num_params() / 1e6:.2f}M params, {n_trainable / 1e6:.3f}M trainable"
+    f"{f' (LoRA r={lora_r} on {lora_targets})' if lora else ''}, tokenizer {tok.name}, device {device}, world {world_size}")
+
+# -----------------------------------------------------------------------------
+# data
+test_examples = []  # tasks only: held-out questions for exact-match accuracy
+if data == "tasks":
+    train_convs = [tasks.to_messages(ex) for ex in tasks.generate(n_train, "train", seed=seed)]
+    test_examples = tasks.generate(max(val_size, eval_accuracy_size), "test", seed=0)
+    val_convs = [tasks.to_messages(ex) for ex in test_examples[:val_size]]
+    test_examples = test_examples[:eval_accuracy_size]
+else:
+    try:
+        train_convs = load_conversations(data, split=data_split, skip_bad=skip_bad, log=log)
+        val_convs = load_conversations(val_data, split=data_split, skip_bad=skip_bad, log=log) if val_data else None
+    except (BadRecord, FileNotFoundError) as e:
+        raise SystemExit(f"sft: bad training data: {e}")
+    if not val_data:
+        if val_size >= len(train_convs):
+            raise SystemExit(f"sft: val_size={val_size} leaves no training data of {len(train_convs)} conversations; "
+                             f"lower --val_size or pass --val_data")
+        random.Random(seed).shuffle(train_convs)  # a held-out set that is not just the end of the file
+        train_convs, val_convs = train_convs[:len(train_convs) - val_size], train_convs[len(train_convs) - val_size:]
+train, n_trunc, n_drop = tokenize_conversations(train_convs, tok, max_seq_len)
+val, _, _ = tokenize_conversations(val_convs, tok, max_seq_len)
+n_targets = sum(sum(t != -100 for t in y) for _, y in train)
+log(f"data {data}: {len(train)} train conversations ({sum(len(x) for x, _ in train):,} tokens, {n_targets:,} trained), "
+    f"{len(val)} val; {n_trunc} truncated to {max_seq_len}, {n_drop} dropped with nothing left to train")
+if not train:
+    raise SystemExit("sft: no training conversations left")
+batches = micro_batches(train, batch_size, max_seq_len, tok.pad_id, packing=packing, seed=seed)
+
+# -----------------------------------------------------------------------------
+# training setup
+model = parallelize(model, parallel if ddp else "none", device)
+# after parallelize: FSDP2 replaces the parameters with sharded ones, which the optimizer must hold
+optimizer = configure_optimizer(model, lr, weight_decay, (beta1, beta2), adam_eps, device.type)
+if compile:
+    model = torch.compile(model)
+raw = unwrap(model)
+
+
+def grad_sync(last):
+    # accumulate locally and communicate once per optimizer step, on its last micro-batch
+    if ddp and parallel == "ddp" and not last:
+        return model.no_sync()
+    if ddp and parallel == "fsdp":
+        model.set_requires_gradient_sync(last)
+    return nullcontext()
+
+
+def to_device(mb):
+    return {k: v.to(device, non_blocking=True) for k, v in mb.items()}
+
+
+class full_params:
+    """FSDP2 gathers a module's parameters only inside its forward(); generate() calls the blocks'
+    forward (gathered by their hooks) but reads the root's own embedding and norm directly."""
+    def __enter__(self):
+        if ddp and parallel == "fsdp":
+            raw.unshard()
+
+    def __exit__(self, *exc):
+        if ddp and parallel == "fsdp":
+            raw.reshard()
+
+
+@torch.no_grad()
+def evaluate():
+    """Validation loss per target token, exact-match accuracy per task (tasks data), a few sampled replies.
+    Every rank runs the same evaluation (FSDP needs all ranks in every forward); rank 0 prints."""
+    model.eval()
+    out = {}
+    loss_sum, n = 0.0, 0
+    for i in range(0, len(val), batch_size):
+        mb = to_device(collate_padded(val[i:i + batch_size], tok.pad_id))
+        with autocast:
+            _, loss = model(mb["idx"], mb["targets"], reduction="sum")
+        loss_sum, n = loss_sum + loss.item(), n + int((mb["targets"] != -100).sum())
+    out["val_loss"] = loss_sum / max(n, 1)
+    gen_kw = dict(stop_tokens=(tok.im_end_id,), pad_id=tok.pad_id)
+    with full_params(), autocast:
+        if test_examples:
+            prompts = [render_prompt(tasks.to_messages(ex), tok) for ex in test_examples]
+            budget = min(eval_max_new_tokens, cfg.max_seq_len - max(map(len, prompts)))
+            correct = {}
+            for i in range(0, len(prompts), 128):
+                g = raw.generate(prompts[i:i + 128], budget, temperature=0.0, **gen_kw)
+                for ex, toks, L in zip(test_examples[i:i + 128], g["tokens"].tolist(), g["lengths"].tolist()):
+                    reply = tok.decode([t for t in toks[:L] if t != tok.im_end_id])
+                    correct.setdefault(ex["task"], []).append(tasks.is_correct(ex, reply))
+            out["accuracy"] = sum(map(sum, correct.values())) / len(test_examples)
+            out["accuracy_per_task"] = {t: sum(c) / len(c) for t, c in correct.items()}
+        samples = []
+        for msgs in val_convs[:eval_samples]:
+            first = next(j for j, m in enumerate(msgs) if m["role"] == "assistant")
+            prompt = render_prompt(msgs[:first], tok)
+            budget = min(eval_max_new_tokens, cfg.max_seq_len - len(prompt))
+            if budget <= 0:
+                continue
+            gen = torch.Generator(device=device).manual_seed(seed)
+            g = raw.generate([prompt], budget, temperature=0.7, top_p=0.9, generator=gen, **gen_kw)
+            reply = tok.decode([t for t in g["tokens"][0, :g["lengths"][0]].tolist() if t != tok.im_end_id])
+            samples.append((msgs[first - 1]["content"], reply))
+        out["samples"] = samples
+    model.train()
+    return out
+
+
+def report(step, ev):
+    acc = ""
+    if "accuracy" in ev:
+        per_task = " ".join(f"{t} {a:.0%}" for t, a in ev["accuracy_per_task"].items())
+        acc = f" | accuracy {ev['accuracy']:.1%} ({per_task})"
+    log(f"eval step {step} | val_loss {ev['val_loss']:.4f}{acc}")
+    for q, a in ev["samples"]:
+        log(f"  user: {q[:120]!r}\n  assistant: {a[:200]!r}")
+    if wandb_log and master:
+        wandb.log({"step": step, "val/loss": ev["val_loss"],
+                   **({"val/accuracy": ev["accuracy"]} if "accuracy" in ev else {}),
+                   **{f"val/accuracy_{t}": a for t, a in ev.get("accuracy_per_task", {}).items()}})
+
+
+def save(step, ev):
+    extra = dict(step=step, config=config, init_from=init_from, val_loss=ev["val_loss"], accuracy=ev.get("accuracy"))
+    path = os.path.join(out_dir, "ckpt.pt")
+    if lora is None:
+        state = checkpoint_dict(model, tok.name, **extra)  # a collective under FSDP: every rank calls it
+    else:
+        full = model_state_dict(model)
+        if merge_lora_on_save:
+            # rebuild on CPU (whatever the parallelism was), fold the adapters in, save a plain model
+            export = Transformer(cfg)
+            apply_lora(export, **lora)
+            export.load_state_dict(full)
+            state = checkpoint_dict(merge_lora(export), tok.name, **extra, merged_lora=lora)
+        else:
+            state = dict(model_config=asdict(cfg), tokenizer=tok.name, base_checkpoint=init_from, lora=lora,
+                         lora_state={k: v for k, v in full.items() if "lora_" in k}, **extra)
+    if master:
+        save_checkpoint(path, state)
+        kind = "full" if lora is None or merge_lora_on_save else "adapter-only"
+        log(f"saved {kind} checkpoint {path}")
+
+
+if wandb_log and master:
+    import wandb
+    wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+
+# -----------------------------------------------------------------------------
+# training loop
+model.train()
+ev0 = evaluate()
+report(0, ev0)
+ev = ev0
+t0 = t_log = time.time()
+tokens_since_log = 0
+for step in range(1, max_steps + 1):
+    for g in optimizer.param_groups:
+        g["lr"] = lr_at(step - 1, max_steps, lr, warmup_steps, min_lr, lr_schedule)
+    # every rank draws the same global sequence of micro-batches and keeps its share
+    micro = [next(batches) for _ in range(grad_accum * world_size)][rank::world_size]
+    micro = [to_device(mb) for mb in micro]
+    # Loss normalisation. We want the gradient of (sum of token losses over the whole step, all
+    # micro-batches on all ranks) / (number of target tokens in the whole step), so every target token
+    # weighs the same however the step is cut into micro-batches and ranks. So: count the step's target
+    # tokens first and all-reduce that count, then backprop each micro-batch's *summed* loss divided by it.
+    # DDP and FSDP average gradients over ranks (sum / world_size), so each rank also multiplies by
+    # world_size: (1/W) * sum_r W * grad(L_r) / N = grad(sum_r L_r) / N.
+    n_tok = torch.tensor(sum(int((mb["targets"] != -100).sum()) for mb in micro), device=device, dtype=torch.float64)
+    if ddp:
+        dist.all_reduce(n_tok)
+    n_tok = n_tok.item()
+    step_loss = torch.zeros((), device=device, dtype=torch.float64)
+    for i, mb in enumerate(micro):
+        with grad_sync(i == len(micro) - 1), autocast:
+            _, loss_sum = model(mb["idx"], mb["targets"], positions=mb.get("positions"),
+                                doc_ids=mb.get("doc_ids"), reduction="sum")
+        (loss_sum * (world_size / n_tok)).backward()
+        step_loss += loss_sum.detach().double()
+    if ddp:
+        dist.all_reduce(step_loss)
+    loss = step_loss.item() / n_tok
+    if not math.isfinite(loss):
+        raise SystemExit(f"sft: non-finite loss ({loss}) at step {step}; no checkpoint was saved. "
+                         f"Try a lower --lr (now {lr}) or --grad_clip=1.0.")
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                               grad_clip if grad_clip > 0 else float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if cfg.n_experts:
+        raw.update_moe_bias()
+    tokens_since_log += sum(mb["idx"].numel() for mb in micro) * world_size
+
+    if step % log_interval == 0 or step == max_steps:
+        now = time.time()
+        eta = (now - t0) / step * (max_steps - step)
+        log(f"step {step}/{max_steps} | loss {loss:.4f} | lr {optimizer.param_groups[0]['lr']:.2e} | "
+            f"grad_norm {float(grad_norm):.2f} | tok/s {tokens_since_log / (now - t_log):,.0f} | "
+            f"targets/step {int(n_tok):,} | eta {int(eta // 60)}m{int(eta % 60):02d}s")
+        if wandb_log and master:
+            wandb.log({"step": step, "train/loss": loss, "lr": optimizer.param_groups[0]["lr"],
+                       "grad_norm": float(grad_norm), "tok/s": tokens_since_log / (now - t_log)})
+        t_log, tokens_since_log = now, 0
+    if (eval_interval and step % eval_interval == 0) or step == max_steps:
+        ev = evaluate()
+        report(step, ev)
+        t_log = time.time()  # eval time is not training throughput
+
+if ddp and parallel == "ddp":
+    # replicas must never drift apart (they would if a forward bypassed the DDP wrapper): compare checksums
+    sums = torch.stack([p.detach().double().sum() for p in raw.parameters()])
+    gathered = [torch.empty_like(sums) for _ in range(world_size)]
+    dist.all_gather(gathered, sums)
+    if not all(torch.equal(g, sums) for g in gathered):
+        raise SystemExit(f"sft: parameters differ across ranks (rank {rank}); gradients were not synchronised")
+    log(f"parameters identical on all {world_size} ranks")
+save(max_steps, ev)
+if "accuracy" in ev:
+    log(f"held-out exact match: {ev0['accuracy']:.1%} before SFT -> {ev['accuracy']:.1%} after")
+    for t in ev["accuracy_per_task"]:
+        log(f"  {t:8s} {ev0['accuracy_per_task'][t]:6.1%} -> {ev['accuracy_per_task'][t]:6.1%}")
+log(f"done in {time.time() - t0:.0f}s")
+if ddp:
+    dist.destroy_process_group()
