@@ -105,6 +105,9 @@ def wrong_answer(example, rng):
             items = ans.split(" ")
             if task == "reverse" and rng.random() < 0.5:
                 items = items[::-1]  # the unreversed input: a typical mistake
+            elif len(set(items)) == 1:  # "5 5 5": no swap changes it, so get one item wrong
+                alphabet = "0123456789" if task == "sort" else LETTERS
+                items[rng.randrange(len(items))] = rng.choice([c for c in alphabet if c != items[0]])
             else:
                 i, j = rng.sample(range(len(items)), 2)
                 items[i], items[j] = items[j], items[i]

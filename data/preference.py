@@ -1,0 +1,321 @@
+"""
+Preference data for reward.py and dpo.py: loading, normalising, tokenising, batching.
+
+Every layout is normalised to one record
+
+    dict(prompt=[{"role", "content"}, ...], responses=[best, ..., worst], scores=None | [s_best, ...])
+
+`responses` are assistant replies (strings), ranked best first: two responses is a
+(chosen, rejected) pair, K > 2 a ranking (the reward model trains on all C(K, 2) pairs).
+Layouts read (field names as published):
+
+  TRL, standard        {"prompt": str, "chosen": str, "rejected": str}
+  TRL, conversational  {"prompt": [msgs], "chosen": [assistant msg], "rejected": [assistant msg]}
+  implicit prompt      {"chosen": [msgs ..., assistant], "rejected": [msgs ..., assistant]} (shared context)
+  UltraFeedback-binarized  {"prompt": str, "chosen": [user, assistant], "rejected": [user, assistant],
+                            "score_chosen": float, "score_rejected": float}
+  HH-RLHF              {"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": "..."}: full
+                       transcripts that differ only in the last assistant turn, split there
+  ranked               {"prompt": str | [msgs], "responses": [str | assistant msg, ...],
+                        "scores": [float, ...] (optional; without it the list is taken as best first)}
+"messages" is accepted in place of "prompt". Sources: a local .json / .jsonl / .parquet file or a
+dataset directory, or a Hugging Face hub name (needs the network), all read through `datasets`;
+"tasks" is the bundled default, pairs generated from data/tasks.py.
+
+A record that fits no layout stops the load with the file and record index; skip_bad=True skips
+such records instead and reports how many.
+"""
+
+import json
+import random
+import re
+
+from data import tasks
+from data.chat import BadRecord, _local_files, labels_from_mask, render, validate_messages
+
+
+def _messages(x, what):
+    """A list of {"role", "content"} dicts (a bare string is one user message); checked as a whole
+    conversation by validate_messages once the response is appended."""
+    if isinstance(x, str):
+        return [{"role": "user", "content": x}]
+    if not isinstance(x, list) or not x:
+        raise BadRecord(f"{what} must be a string or a non-empty list of messages, got {type(x).__name__}")
+    for i, m in enumerate(x):
+        if not isinstance(m, dict) or m.get("role") is None or m.get("content") is None:
+            raise BadRecord(f"{what}[{i}] needs both 'role' and 'content', got {m!r:.200}")
+    return [{"role": m["role"], "content": m["content"]} for m in x]
+
+
+def _split_response(x, what):
+    """A response given as text, as one assistant message, or as a conversation ending in one:
+    returns (context messages before it, reply text)."""
+    if isinstance(x, str):
+        return [], x
+    if isinstance(x, dict):
+        x = [x]
+    msgs = _messages(x, what)
+    if msgs[-1]["role"] != "assistant":
+        raise BadRecord(f"{what} must end with an assistant message, ends with role {msgs[-1]['role']!r}")
+    return msgs[:-1], msgs[-1]["content"]
+
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
+
+
+def parse_hh(text, what="transcript"):
+    """An HH-RLHF transcript "\\n\\nHuman: q\\n\\nAssistant: a ..." -> (prompt messages, last assistant reply)."""
+    parts = _HH_TURN.split(text)
+    if parts[0].strip() or len(parts) < 5 or parts[-2] != "Assistant":
+        raise BadRecord(f"{what} is not an HH-RLHF transcript ('\\n\\nHuman: ...\\n\\nAssistant: ...' "
+                                    f"ending with an Assistant turn): {text[:120]!r}")
+    roles = {"Human": "user", "Assistant": "assistant"}
+    msgs = [{"role": roles[r], "content": c.strip()} for r, c in zip(parts[1::2], parts[2::2])]
+    return msgs[:-1], msgs[-1]["content"]
+
+
+def normalize_record(rec):
+    """One raw record (any layout above) -> dict(prompt, responses, scores). Raises BadRecord."""
+    if not isinstance(rec, dict):
+        raise BadRecord(f"expected a JSON object, got {type(rec).__name__}")
+    prompt = rec.get("prompt") if rec.get("prompt") is not None else rec.get("messages")
+    scores = None
+    if rec.get("chosen") is not None or rec.get("rejected") is not None:
+        if rec.get("chosen") is None or rec.get("rejected") is None:
+            raise BadRecord("has only one of 'chosen' / 'rejected'")
+        raw = [rec["chosen"], rec["rejected"]]
+        names = ["chosen", "rejected"]
+        if rec.get("score_chosen") is not None and rec.get("score_rejected") is not None:
+            scores = [rec["score_chosen"], rec["score_rejected"]]
+            if not all(isinstance(v, (int, float)) for v in scores):
+                raise BadRecord(f"'score_chosen' and 'score_rejected' must be numbers, got {scores!r:.100}")
+            scores = [float(v) for v in scores]
+    elif rec.get("responses") is not None:
+        raw = rec["responses"]
+        if not isinstance(raw, list) or len(raw) < 2:
+            raise BadRecord("'responses' must be a list of at least 2 responses")
+        names = [f"responses[{i}]" for i in range(len(raw))]
+        if rec.get("scores") is not None:
+            s = rec["scores"]
+            if not isinstance(s, list) or len(s) != len(raw) or not all(isinstance(v, (int, float)) for v in s):
+                raise BadRecord(f"'scores' must be a list of {len(raw)} numbers, one per response")
+            order = sorted(range(len(raw)), key=lambda i: -s[i])
+            raw, names, scores = [raw[i] for i in order], [names[i] for i in order], [float(s[i]) for i in order]
+    else:
+        raise BadRecord(f"has none of the fields 'chosen'/'rejected' or 'responses' "
+                        f"(keys: {sorted(k for k, v in rec.items() if v is not None)})")
+
+    if prompt is None and all(isinstance(r, str) for r in raw):  # HH-RLHF: split full transcripts
+        split = [parse_hh(r, n) for r, n in zip(raw, names)]
+    else:
+        split = [_split_response(r, n) for r, n in zip(raw, names)]
+    contexts = [c for c, _ in split]
+    if prompt is not None:
+        prompt = _messages(prompt, "prompt")
+        for ctx, n in zip(contexts, names):
+            # UltraFeedback repeats the prompt inside chosen/rejected: it must be the same conversation
+            if ctx and ctx != prompt:
+                raise BadRecord(f"the conversation in '{n}' does not start with the prompt")
+    else:
+        prompt = contexts[0]
+        if any(c != prompt for c in contexts[1:]):
+            raise BadRecord(f"'{names[0]}' and the other responses continue different conversations")
+    if not prompt:
+        raise BadRecord("has no prompt (no 'prompt'/'messages' field and no context before the responses)")
+    responses = [r for _, r in split]
+    for r, n in zip(responses, names):
+        try:
+            validate_messages(prompt + [{"role": "assistant", "content": r}])
+        except BadRecord as e:
+            raise BadRecord(f"prompt + '{n}' is not a valid conversation: {e}") from None
+    if len(set(responses)) < len(responses):
+        raise BadRecord("two of the responses are identical: no preference to learn")
+    return dict(prompt=prompt, responses=responses, scores=scores)
+
+
+# -----------------------------------------------------------------------------
+# loading
+
+def _sources(source, split):
+    """[(name for messages, rows)]: local files (a path, directory, glob or comma-separated list, as
+    data/chat.py reads them) through `datasets`, else a hub dataset."""
+    import datasets
+    datasets.disable_progress_bars()
+    files = _local_files(source)
+    if files is None:
+        try:
+            return [(f"{source} [{split}]", datasets.load_dataset(source, split=split))]
+        except Exception as e:
+            raise SystemExit(f"cannot load preference data {source!r} split {split!r} from the hub: {e}\n"
+                             f"  for local data give a .json/.jsonl/.parquet file (or a directory of them)")
+    out = []
+    for f in files:
+        builder = "parquet" if f.endswith(".parquet") else "json"
+        try:
+            out.append((f, datasets.load_dataset(builder, data_files=f, split="train")))
+        except Exception as e:  # arrow could not build a table: read json plainly to say which line is bad
+            if builder != "json":
+                raise SystemExit(f"{f}: cannot be read as parquet: {e}")
+            out.append((f, _plain_json(f, e)))
+    return out
+
+
+def _plain_json(path, err):
+    text = open(path).read()
+    try:
+        rows = json.loads(text)
+        return rows if isinstance(rows, list) else [rows]
+    except json.JSONDecodeError:
+        pass
+    rows = []
+    for i, line in enumerate(text.splitlines()):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"{path}: line {i + 1} is not valid JSON ({e.msg}); fix or remove it "
+                             f"(datasets said: {str(err)[:200]})")
+    return rows
+
+
+def load_preferences(source, split="train", skip_bad=False, max_records=None, log=print):
+    """Normalised records (see the module docstring) from local files or a hub dataset. A malformed
+    record stops the load naming the file and the record's 0-based index (its line in a jsonl file);
+    with skip_bad it is skipped and the count is logged."""
+    out, n_bad, n_seen = [], 0, 0
+    for name, rows in _sources(source, split):
+        for i, row in enumerate(rows):
+            if max_records is not None and len(out) >= max_records:
+                break
+            n_seen += 1
+            try:
+                out.append(normalize_record(row))
+            except BadRecord as e:
+                if not skip_bad:
+                    raise SystemExit(f"{name}: record {i} is malformed: {e}.\n"
+                                     f"  Fix or remove it, or set skip_bad=True to skip malformed records.")
+                n_bad += 1
+    if n_bad:
+        log(f"skipped {n_bad} malformed record(s) of {n_seen} in {source} (skip_bad=True)")
+    if not out:
+        raise SystemExit(f"{source}: no usable preference records")
+    return out
+
+
+def task_pairs(n, split="train", seed=0):
+    """The embedded default: (correct answer, plausible wrong answer) pairs on data/tasks.py questions."""
+    rng = random.Random(f"pairs-{split}-{seed}")
+    out = []
+    for ex in tasks.generate(n + n // 10 + 10, split, seed):
+        try:
+            wrong = tasks.wrong_answer(ex, rng)
+        except ValueError:  # e.g. sorting "5 5 5": every permutation is the answer
+            continue
+        out.append(dict(prompt=tasks.to_messages(ex)[:-1], responses=[ex["answer"], wrong], scores=None, example=ex))
+        if len(out) == n:
+            break
+    return out
+
+
+def sampled_task_pairs(model, tokenizer, examples, num_samples=4, temperature=1.0, max_new_tokens=24,
+                       batch_size=128, seed=0):
+    """On-policy pairs: for each task question, the model's greedy answer plus num_samples sampled ones;
+    when any is wrong, pair the mistake (the greedy one first: that is what greedy decoding would say)
+    with a correct answer (a sampled one if any, else the reference). Questions the model always gets
+    right give no pair."""
+    import torch
+    from data.chat import render_prompt
+    gen = torch.Generator(model.tok_emb.weight.device).manual_seed(seed)
+    rng = random.Random(seed)
+    out = []
+    for b in range(0, len(examples), batch_size):
+        exs = examples[b:b + batch_size]
+        prompts = [tasks.to_messages(ex)[:-1] for ex in exs]
+        ids = [render_prompt(p, tokenizer) for p in prompts]
+        budget = min(max_new_tokens, model.config.max_seq_len - max(map(len, ids)))
+        runs = [model.generate(ids, budget, temperature=0.0, stop_tokens=[tokenizer.im_end_id],
+                               pad_id=tokenizer.pad_id)]
+        if num_samples:
+            runs.append(model.generate([p for p in ids for _ in range(num_samples)], budget, temperature=temperature,
+                                       stop_tokens=[tokenizer.im_end_id], pad_id=tokenizer.pad_id, generator=gen))
+        texts = [[tokenizer.decode([t for t in row[:n] if t != tokenizer.im_end_id]).strip()
+                  for row, n in zip(r["tokens"].tolist(), r["lengths"].tolist())] for r in runs]
+        for j, (ex, prompt) in enumerate(zip(exs, prompts)):
+            samples = [texts[0][j]] + (texts[1][j * num_samples:(j + 1) * num_samples] if num_samples else [])
+            right = [s for s in samples if tasks.is_correct(ex, s)]
+            wrong = [s for s in samples if s and not tasks.is_correct(ex, s)]
+            if wrong:
+                chosen = rng.choice(right) if right else ex["answer"]
+                rejected = wrong[0] if wrong[0] == samples[0] else rng.choice(wrong)
+                if chosen != rejected:
+                    out.append(dict(prompt=prompt, responses=[chosen, rejected], scores=None, example=ex))
+    return out
+
+
+def split_off(records, fraction, seed=0):
+    """(train, val): a seeded random `fraction` of the records held out."""
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, int(len(records) * fraction))
+    return [records[i] for i in order[n_val:]], [records[i] for i in order[:n_val]]
+
+
+def as_pairs(records):
+    """Ranked records -> (chosen, rejected) records, one per ordered pair of the ranking."""
+    out = []
+    for r in records:
+        k = len(r["responses"])
+        for i in range(k):
+            for j in range(i + 1, k):
+                s = r["scores"]
+                out.append({**r, "responses": [r["responses"][i], r["responses"][j]],
+                            "scores": None if s is None else [s[i], s[j]]})
+    return out
+
+
+# -----------------------------------------------------------------------------
+# tokenising and batching
+
+def encode_response(prompt, response, tokenizer):
+    """ChatML ids of prompt + the assistant reply, the 0/1 mask of the reply's tokens (its content and
+    <|im_end|>, not earlier assistant turns of the prompt), and the index of that <|im_end|>."""
+    ids, mask = render(prompt + [{"role": "assistant", "content": response}], tokenizer)
+    n_prompt = len(render(prompt, tokenizer, add_generation_prompt=True)[0])  # a token-exact prefix
+    mask = [0] * n_prompt + mask[n_prompt:]
+    end = max(i for i, m in enumerate(mask) if m)
+    assert ids[end] == tokenizer.im_end_id
+    return ids[:end + 1], mask[:end + 1], end  # nothing after <|im_end|> is read or trained
+
+
+def encode_records(records, tokenizer, max_len, verbose=True, what="preference data"):
+    """Tokenise every response of every record: adds "tokens" = [(ids, mask), ...] (ranked as responses).
+    Records with any sequence longer than max_len are dropped (and counted): cutting one would cut its
+    <|im_end|>, where the reward is read."""
+    out, dropped = [], 0
+    for r in records:
+        seqs = [encode_response(r["prompt"], resp, tokenizer)[:2] for resp in r["responses"]]
+        if max(len(ids) for ids, _ in seqs) > max_len:
+            dropped += 1
+            continue
+        out.append({**r, "tokens": seqs})
+    if dropped and verbose:
+        print(f"{what}: dropped {dropped} of {len(records)} records longer than {max_len} tokens")
+    if not out:
+        raise SystemExit(f"{what}: every record is longer than max_len={max_len} tokens; raise max_len")
+    return out
+
+
+def pad_batch(seqs, pad_id, device=None):
+    """[(ids, mask)] -> right-padded idx (N, T), next-token targets (N, T) with -100 outside the masked
+    reply, end_idx (N,) = position of each reply's <|im_end|> (its last token)."""
+    import torch
+    T = max(len(ids) for ids, _ in seqs)
+    idx = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    targets = torch.full((len(seqs), T), -100, dtype=torch.long)
+    for i, (ids, mask) in enumerate(seqs):
+        n = len(ids)
+        idx[i, :n] = torch.tensor(ids)
+        targets[i, :n - 1] = torch.tensor(labels_from_mask(ids, mask)[1], dtype=torch.long)
+    end_idx = torch.tensor([len(ids) - 1 for ids, _ in seqs])
+    return idx.to(device), targets.to(device), end_idx.to(device)

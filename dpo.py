@@ -1,0 +1,503 @@
+"""
+Direct preference optimisation and its relatives: learn from (chosen, rejected) pairs
+without a reward model or sampling.
+
+$ python dpo.py                                    # task pairs from data/tasks.py, from out/sft/ckpt.pt, CPU, minutes
+$ python dpo.py --loss_type=ipo --beta=0.5          # another loss
+$ python dpo.py --data=prefs.jsonl --lora_r=16      # your own pairs (any layout of data/preference.py), LoRA
+$ python dpo.py configs/dpo_ultrafeedback.py        # UltraFeedback-binarized from the hub, one GPU
+$ torchrun --standalone --nproc_per_node=8 dpo.py configs/dpo_ultrafeedback.py
+
+With h = (log pi(y_c) - log pi_ref(y_c)) - (log pi(y_r) - log pi_ref(y_r)), log-probs summed over
+the response tokens only (not the prompt, not padding):
+  sigmoid  -log sigmoid(beta h)                                        DPO (Rafailov et al. 2023)
+  robust   (1 - eps) * -log sigmoid(beta h) + eps * -log sigmoid(-beta h),  eps = label_smoothing
+           (conservative / label-smoothed DPO, for pairs whose label is wrong with probability eps)
+  ipo      (h - 1 / (2 beta))^2                                        IPO (Azar et al. 2023)
+  hinge    max(0, 1 - beta h)                                          SLiC (Zhao et al. 2023)
+reference-free, with length-normalised log-probs lp = log pi(y) / |y|:
+  simpo    -log sigmoid(beta lp_c - beta lp_r - simpo_gamma)           SimPO (Meng et al. 2024; beta ~2)
+  orpo     -lp_c - orpo_lambda * log sigmoid(log odds_c - log odds_r), odds = e^lp / (1 - e^lp)  (Hong et al. 2024)
+rpo_alpha > 0 adds rpo_alpha * (-lp_c), an NLL term on chosen that keeps its likelihood from falling
+(RPO; the usual fix when logps/chosen fall steadily, which this script warns about). The default is
+1.0 because the embedded task pairs differ in a token or two, where plain DPO lowers both; the hub
+configs set 0.
+
+The embedded default trains on (correct, wrong) pairs of data/tasks.py questions: generated wrong
+answers plus the initial policy's own mistakes (greedy and sampled), and reports greedy exact-match
+on held-out questions before and after.
+
+The reference is a frozen second copy of the initial model, or, with LoRA, the same model with
+its adapters disabled (no second copy). precompute_ref_logprobs=True scores every pair under
+the reference once before training, so training holds one model. Chosen and rejected go through
+the model in one concatenated batch. Output: out/dpo/ckpt.pt, a plain language model (LoRA merged).
+"""
+
+import math
+import os
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# the objectives: pure functions of per-sequence log-prob tensors (B,)
+
+_REFERENCE_FREE = ("simpo", "orpo")
+_LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge") + _REFERENCE_FREE
+
+
+def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1, loss_type="sigmoid",
+             label_smoothing=0.0):
+    """Per-pair losses of the reference-based losses from summed response log-probs, and the implicit
+    rewards beta * (log pi - log pi_ref) of chosen and rejected (detached)."""
+    chosen_ratio, rejected_ratio = policy_chosen - ref_chosen, policy_rejected - ref_rejected
+    h = chosen_ratio - rejected_ratio
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(beta * h)
+    elif loss_type == "robust":
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * h)
+    else:
+        raise ValueError(f"dpo_loss: unknown loss_type {loss_type!r}; reference-based types are sigmoid, robust, ipo, hinge")
+    return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+
+
+def simpo_loss(policy_chosen, policy_rejected, len_chosen, len_rejected, beta=2.0, gamma=0.5):
+    """SimPO per-pair losses and its rewards beta * log pi / |y| (detached)."""
+    r_c, r_r = beta * policy_chosen / len_chosen, beta * policy_rejected / len_rejected
+    return -F.logsigmoid(r_c - r_r - gamma), r_c.detach(), r_r.detach()
+
+
+def _log1mexp(x):
+    """log(1 - e^x) for x < 0, accurate at both ends (Maechler 2012)."""
+    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def orpo_loss(policy_chosen, policy_rejected, len_chosen, len_rejected, orpo_lambda=0.1):
+    """ORPO per-pair losses, NLL(chosen) - lambda * log sigmoid(log odds ratio), on length-normalised
+    log-probs; rewards lambda * log pi / |y| (detached)."""
+    lp_c, lp_r = policy_chosen / len_chosen, policy_rejected / len_rejected
+    eps = torch.finfo(lp_c.dtype).eps  # a length-normalised log-prob of exactly 0 has infinite odds
+    lp_c, lp_r = lp_c.clamp(max=-eps), lp_r.clamp(max=-eps)
+    log_odds = (lp_c - _log1mexp(lp_c)) - (lp_r - _log1mexp(lp_r))
+    losses = -lp_c - orpo_lambda * F.logsigmoid(log_odds)
+    return losses, orpo_lambda * lp_c.detach(), orpo_lambda * lp_r.detach()
+
+
+def preference_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, len_chosen, len_rejected,
+                    loss_type="sigmoid", beta=0.1, label_smoothing=0.0, simpo_gamma=0.5, orpo_lambda=0.1,
+                    rpo_alpha=0.0):
+    """Dispatch on loss_type; adds rpo_alpha * NLL per token of chosen. Returns (per-pair losses, chosen
+    rewards, rejected rewards). ref_* are ignored (may be None) for the reference-free types."""
+    if loss_type == "simpo":
+        out = simpo_loss(policy_chosen, policy_rejected, len_chosen, len_rejected, beta, simpo_gamma)
+    elif loss_type == "orpo":
+        out = orpo_loss(policy_chosen, policy_rejected, len_chosen, len_rejected, orpo_lambda)
+    else:
+        out = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, loss_type, label_smoothing)
+    losses, r_c, r_r = out
+    if rpo_alpha:
+        losses = losses + rpo_alpha * (-policy_chosen / len_chosen)
+    return losses, r_c, r_r
+
+
+def sequence_logps(model, idx, targets):
+    """Summed log-prob of each row's target tokens (targets -100 elsewhere: prompt, padding) and their
+    count, from the fused per-token loss (the (B, T, vocab) logits are never materialised)."""
+    _, nll = model(idx, targets, reduction="none")
+    return -nll.float().sum(-1), (targets != -100).sum(-1)
+
+
+def falling_streak(values, window):
+    """True when the last `window` values each fell below the one before."""
+    return len(values) >= window and all(b < a for a, b in zip(values[-window:], values[-window + 1:]))
+
+
+# -----------------------------------------------------------------------------
+# config: every global below can be set from a config file or --key=value
+out_dir = "out/dpo"
+init_from = "out/sft/ckpt.pt"   # the policy starts here; the reference is this model, frozen
+seed = 1337
+# data (as reward.py)
+data = "tasks"             # "tasks" (pairs from data/tasks.py) | .json/.jsonl/.parquet file(s) | hub dataset name
+train_split = "train"
+val_data = ""              # "": hold out val_fraction of data ("tasks": its test split)
+val_split = "test"
+val_fraction = 0.05
+skip_bad = False
+max_records = -1
+max_val_records = 1000
+max_len = -1               # longest prompt + response in tokens (-1: the model's max_seq_len); longer pairs are dropped
+task_pairs = 1000          # "tasks": (correct, wrong) training pairs
+task_val_pairs = 200
+sampled_pairs = 1000       # "tasks": also ask the initial policy this many questions, pair its mistakes with correct answers
+num_samples = 2            # sampled answers per question, besides the greedy one
+sample_temperature = 1.0
+# objective
+loss_type = "sigmoid"      # sigmoid | robust | ipo | hinge | simpo | orpo
+beta = 0.1
+label_smoothing = 0.0      # eps of loss_type="robust"
+simpo_gamma = 0.5
+orpo_lambda = 0.1
+rpo_alpha = 1.0            # the task pairs differ in a token or two, where plain DPO lowers chosen too (DPOP/RPO); 0: pure DPO
+precompute_ref_logprobs = False
+# LoRA (lora_r = 0: full fine-tune and a reference copy)
+lora_r = 0
+lora_alpha = 16
+lora_dropout = 0.0
+lora_targets = "all"
+# optimisation
+batch_size = 16            # pairs per micro-batch per rank
+grad_accum = 1
+num_epochs = 1.0
+max_steps = -1             # -1: num_epochs over the training pairs
+lr = 1e-4                  # for the tiny default model; ~5e-7 for a full fine-tune of a real one (Zephyr)
+min_lr = 1e-5
+warmup_steps = 10
+lr_schedule = "cosine"
+weight_decay = 0.0
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0
+# system
+parallel = "ddp"           # under torchrun: "ddp" or "fsdp"
+compile = False
+activation_checkpointing = False
+device = "auto"
+kernels = "auto"
+# logging, eval
+log_interval = 10
+eval_interval = 100
+eval_tasks = 500           # greedy exact-match on this many held-out data/tasks.py questions, before and after (0: off)
+eval_max_new_tokens = 24
+logp_warn_window = 5       # warn when logps/chosen fell at this many consecutive logs
+wandb_log = False
+wandb_project = "dpo"
+wandb_run_name = "run"
+
+
+# the run; importing this file (as the tests do) defines the objectives above and runs nothing
+def main():
+    from configs import configure
+    config = configure(globals())
+
+    import torch.distributed as dist
+
+    from data import tasks
+    from data.chat import render_prompt
+    from data.preference import (as_pairs, encode_records, load_preferences, pad_batch, sampled_task_pairs, split_off,
+                                 task_pairs as make_task_pairs)
+    from data.tokenizer import get_tokenizer
+    from model import (ModelConfig, Transformer, apply_lora, checkpoint_dict, configure_optimizer, load_checkpoint,
+                       lora_disabled, lr_at, merge_lora, model_state_dict, parallelize, save_checkpoint)
+
+    if loss_type not in _LOSS_TYPES:
+        raise SystemExit(f"loss_type={loss_type!r}: choose one of {', '.join(_LOSS_TYPES)}")
+    if label_smoothing and loss_type != "robust":
+        raise SystemExit(f"label_smoothing={label_smoothing} applies to loss_type='robust' only (got {loss_type!r})")
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    if ddp:
+        dist.init_process_group("nccl" if torch.cuda.is_available() and device != "cpu" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        local_rank = int(os.environ["LOCAL_RANK"])
+    else:
+        rank, world, local_rank = 0, 1, 0
+    master = rank == 0
+    dev = torch.device(f"cuda:{local_rank}" if (device == "cuda" or (device == "auto" and torch.cuda.is_available()))
+                       else "cpu")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+        torch.backends.cuda.matmul.allow_tf32 = True
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
+    torch.manual_seed(seed)
+    log = print if master else (lambda *a, **k: None)
+    fsdp = ddp and parallel == "fsdp"
+
+    # model ----------------------------------------------------------------------------------
+    if not os.path.exists(init_from):
+        raise SystemExit(f"init_from={init_from} not found: run `python sft.py` first, "
+                         f"or point --init_from at a language-model checkpoint")
+    ckpt = load_checkpoint(init_from)
+    if "score_head.weight" in ckpt["model"]:
+        raise SystemExit(f"{init_from} is a reward model; DPO starts from a language model (e.g. out/sft/ckpt.pt)")
+    tok_name = ckpt["tokenizer"]
+    tok = get_tokenizer(tok_name)
+    cfg = ModelConfig.from_dict({**ckpt["model_config"], "kernels": kernels})
+    policy = Transformer(cfg)
+    policy.load_state_dict(ckpt["model"])
+    policy.to(dev)
+    seq_cap = cfg.max_seq_len if max_len < 0 else min(max_len, cfg.max_seq_len)
+    needs_ref = loss_type not in _REFERENCE_FREE
+    ref_model = None
+    if needs_ref and lora_r == 0 and not precompute_ref_logprobs:
+        ref_model = Transformer(cfg)
+        ref_model.load_state_dict(ckpt["model"])
+        ref_model.to(dev).eval().requires_grad_(False)
+        if fsdp:
+            ref_model = parallelize(ref_model, "fsdp", dev)
+    del ckpt
+
+    # data -----------------------------------------------------------------------------------
+    test_examples = tasks.generate(eval_tasks, "test", seed=0) if eval_tasks else []
+    if data == "tasks":
+        train_records = make_task_pairs(task_pairs, "train", seed)
+        val_records = make_task_pairs(task_val_pairs, "test", seed)
+        if sampled_pairs:  # on-policy pairs: the policy's own mistakes as rejected
+            policy.eval()
+            with autocast:
+                extra = sampled_task_pairs(policy, tok, tasks.generate(sampled_pairs, "train", seed + 1), num_samples,
+                                           sample_temperature, seed=seed + rank)
+            policy.train()
+            log(f"sampled {len(extra)} on-policy pairs from {sampled_pairs} questions x {num_samples} samples")
+            train_records += extra
+    else:
+        train_records = load_preferences(data, train_split, skip_bad, None if max_records < 0 else max_records, log=log)
+        if val_data:
+            val_records = load_preferences(val_data, val_split, skip_bad, max_val_records, log=log)
+        else:
+            train_records, val_records = split_off(train_records, val_fraction, seed)
+    # K ranked responses -> all C(K, 2) pairs
+    train_set = encode_records(as_pairs(train_records), tok, seq_cap, verbose=master, what="train")
+    val_set = encode_records(as_pairs(val_records)[:max_val_records], tok, seq_cap, verbose=master, what="val")
+    if ddp and data == "tasks" and sampled_pairs:  # each rank sampled its own pairs: train on rank 0's everywhere
+        obj = [train_set]
+        dist.broadcast_object_list(obj, src=0)
+        train_set = obj[0]
+    steps = max_steps if max_steps > 0 else max(1, math.ceil(num_epochs * len(train_set) / (batch_size * grad_accum * world)))
+
+    if lora_r > 0:
+        targets = "all" if lora_targets == "all" else tuple(t.strip() for t in lora_targets.split(","))
+        apply_lora(policy, targets, lora_r, lora_alpha, lora_dropout)
+        policy.to(dev)
+    policy.activation_checkpointing = activation_checkpointing
+    raw = policy
+    n_train = sum(p.numel() for p in raw.parameters() if p.requires_grad)
+    model = parallelize(policy, parallel if ddp else "none", dev)
+    optimizer = configure_optimizer(model, lr, weight_decay, (beta1, beta2), device_type=dev.type)
+    if compile:
+        model = torch.compile(model)
+    ref_kind = ("none (reference-free)" if not needs_ref else "precomputed log-probs" if precompute_ref_logprobs
+                else "adapters off" if lora_r else "frozen copy")
+    log(f"policy from {init_from}: {raw.num_params() / 1e6:.2f}M params, {n_train / 1e6:.2f}M trained"
+        f"{f' (LoRA r={lora_r})' if lora_r else ''} | loss {loss_type}, beta {beta} | reference: {ref_kind} | "
+        f"data {data}: {len(train_set)} train / {len(val_set)} val pairs | {steps} steps x "
+        f"{batch_size * grad_accum * world} pairs = {steps * batch_size * grad_accum * world / len(train_set):.2f} "
+        f"epochs | device {dev} x {world}")
+    if wandb_log and master:
+        import wandb
+        wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+
+    def pair_batch(records):
+        """Chosen rows then rejected rows, padded together: one forward for both."""
+        return pad_batch([r["tokens"][0] for r in records] + [r["tokens"][1] for r in records], tok.pad_id, dev)
+
+    @torch.no_grad()
+    def reference_logps(idx, targets):
+        if ref_model is not None:
+            return sequence_logps(ref_model, idx, targets)[0]
+        was_training = raw.training
+        raw.eval()  # no dropout in the reference
+        with lora_disabled(raw):  # the base model is the reference
+            out = sequence_logps(model, idx, targets)[0]
+        raw.train(was_training)
+        return out
+
+    def precompute(records):
+        """(N, 2) reference log-probs of chosen and rejected, split across ranks, summed back together."""
+        out = torch.zeros(len(records), 2, device=dev)
+        raw.eval()
+        per_iter = batch_size * world
+        for it in range(math.ceil(len(records) / per_iter)):  # the same count on every rank (FSDP needs it)
+            lo = it * per_iter + rank * batch_size
+            recs = records[lo:lo + batch_size]
+            idx, targets, _ = pair_batch(recs or records[:1])
+            with autocast:
+                lp = reference_logps(idx, targets)
+            if recs:
+                out[lo:lo + len(recs)] = lp.view(2, -1).t()[:len(recs)]
+        if ddp:
+            dist.all_reduce(out)
+        raw.train()
+        return out
+
+    if needs_ref and precompute_ref_logprobs:
+        t0 = time.time()
+        train_ref, val_ref = precompute(train_set), precompute(val_set)
+        log(f"precomputed reference log-probs of {len(train_set) + len(val_set)} pairs in {time.time() - t0:.0f}s")
+
+    def forward_pairs(records, ids, ref_table):
+        """Per-pair losses and stats for a batch of records (ids: their positions, for precomputed refs)."""
+        idx, targets, _ = pair_batch(records)
+        B = len(records)
+        if not needs_ref:
+            ref_c = ref_r = None
+        elif ref_table is not None:
+            ref_c, ref_r = ref_table[ids, 0], ref_table[ids, 1]
+        else:
+            ref = reference_logps(idx, targets)
+            ref_c, ref_r = ref[:B], ref[B:]
+        logps, lengths = sequence_logps(model, idx, targets)
+        lengths = lengths.float()
+        losses, r_c, r_r = preference_loss(logps[:B], logps[B:], ref_c, ref_r, lengths[:B], lengths[B:], loss_type,
+                                           beta, label_smoothing, simpo_gamma, orpo_lambda, rpo_alpha)
+        stats = torch.stack([losses.detach().sum(), r_c.sum(), r_r.sum(), (r_c - r_r).sum(),
+                             (r_c > r_r).float().sum(), logps[:B].detach().sum(), logps[B:].detach().sum(),
+                             torch.tensor(float(B), device=dev)])
+        return losses, stats, (idx != tok.pad_id).sum().item()
+
+    STAT_NAMES = ("loss", "rewards/chosen", "rewards/rejected", "margins", "accuracy", "logps/chosen", "logps/rejected")
+
+    def summarise(stats):
+        return {k: (stats[i] / stats[-1]).item() for i, k in enumerate(STAT_NAMES)}
+
+    perms = {}
+
+    def train_ids_at(step, micro):
+        first = ((step * grad_accum + micro) * world + rank) * batch_size
+        out = []
+        for g in range(first, first + batch_size):
+            epoch, i = divmod(g, len(train_set))
+            if epoch not in perms:
+                perms.clear()
+                perms[epoch] = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed + epoch))
+            out.append(int(perms[epoch][i]))
+        return out
+
+    @torch.no_grad()
+    def evaluate_pairs():
+        model.eval()
+        total = torch.zeros(8, device=dev)
+        per_iter = batch_size * world
+        for it in range(math.ceil(len(val_set) / per_iter)):
+            lo = it * per_iter + rank * batch_size
+            ids = list(range(lo, min(lo + batch_size, len(val_set))))
+            with autocast:
+                _, stats, _ = forward_pairs([val_set[i] for i in ids or [0]], torch.tensor(ids or [0], device=dev),
+                                            val_ref if needs_ref and precompute_ref_logprobs else None)
+            total += stats * (1.0 if ids else 0.0)
+        if ddp:
+            dist.all_reduce(total)
+        model.train()
+        return summarise(total)
+
+    @torch.no_grad()
+    def task_accuracy():
+        """Greedy exact match on held-out task questions; every rank runs the same generation (FSDP needs
+        all ranks in each forward)."""
+        if not test_examples:
+            return None
+        raw.eval()
+        prompts = [render_prompt(tasks.to_messages(ex), tok) for ex in test_examples]
+        budget = min(eval_max_new_tokens, cfg.max_seq_len - max(map(len, prompts)))
+        correct = {}
+        with autocast:
+            for i in range(0, len(prompts), 128):
+                g = raw.generate(prompts[i:i + 128], budget, temperature=0.0, stop_tokens=(tok.im_end_id,),
+                                 pad_id=tok.pad_id)
+                for ex, toks, n in zip(test_examples[i:i + 128], g["tokens"].tolist(), g["lengths"].tolist()):
+                    reply = tok.decode([t for t in toks[:n] if t != tok.im_end_id])
+                    correct.setdefault(ex["task"], []).append(tasks.is_correct(ex, reply))
+        raw.train()
+        return sum(map(sum, correct.values())) / len(test_examples), {t: sum(c) / len(c) for t, c in correct.items()}
+
+    def fmt_acc(a):
+        return f"{a[0]:.3f} ({', '.join(f'{t} {v:.2f}' for t, v in a[1].items())})"
+
+    def fmt_stats(s):
+        return " | ".join(f"{k} {v:.4f}" for k, v in s.items())
+
+    # training -------------------------------------------------------------------------------
+    acc_before = task_accuracy()
+    if acc_before:
+        log(f"step 0: task exact-match {fmt_acc(acc_before)} on {len(test_examples)} held-out questions")
+    log(f"step 0: val {fmt_stats(evaluate_pairs())}")
+    model.train()
+    t_start = t_log = time.time()
+    tokens, window, chosen_history, warned = 0, torch.zeros(8, device=dev), [], False
+    for step in range(steps):
+        cur_lr = lr_at(step, steps, lr, warmup_steps, min_lr, lr_schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = cur_lr
+        step_loss = 0.0
+        for micro in range(grad_accum):
+            ids = train_ids_at(step, micro)
+            if ddp and parallel == "ddp":
+                model.require_backward_grad_sync = micro == grad_accum - 1  # sync on the last micro-step only
+            elif fsdp:
+                raw.set_requires_gradient_sync(micro == grad_accum - 1)
+            with autocast:
+                losses, stats, n_tok = forward_pairs([train_set[i] for i in ids], torch.tensor(ids, device=dev),
+                                                     train_ref if needs_ref and precompute_ref_logprobs else None)
+                loss = losses.mean()
+            (loss / grad_accum).backward()
+            step_loss += loss.item() / grad_accum
+            window += stats.detach()
+            tokens += n_tok
+        if not math.isfinite(step_loss):
+            raise SystemExit(f"non-finite loss at step {step + 1}: stopping without saving. Lower lr, or check the data")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        raw.update_moe_bias()
+        done = step + 1
+        if done % log_interval == 0 or done == steps:
+            if ddp:
+                dist.all_reduce(window)
+            s = summarise(window)
+            step_loss = s["loss"]  # logged: the mean over the pairs of every rank since the last log
+            dt = time.time() - t_log
+            eta = (steps - done) * (time.time() - t_start) / done
+            log(f"step {done}/{steps} | loss {step_loss:.4f} | lr {cur_lr:.2e} | grad_norm {grad_norm.item():.2f} | "
+                f"tok/s {tokens * world / dt:,.0f} | rewards/chosen {s['rewards/chosen']:.3f} | rewards/rejected "
+                f"{s['rewards/rejected']:.3f} | margins {s['margins']:.3f} | accuracy {s['accuracy']:.3f} | "
+                f"logps/chosen {s['logps/chosen']:.2f} | logps/rejected {s['logps/rejected']:.2f} | "
+                f"eta {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
+            chosen_history.append(s["logps/chosen"])
+            if falling_streak(chosen_history, logp_warn_window):
+                if not warned:
+                    log(f"warning: logps/chosen fell at {logp_warn_window} consecutive logs "
+                        f"({chosen_history[-logp_warn_window]:.2f} -> {chosen_history[-1]:.2f}): the policy is pushing "
+                        f"chosen responses down along with rejected ones. Consider rpo_alpha=1.0 (an NLL term on "
+                        f"chosen), a lower lr or a larger beta.")
+                warned = True
+            else:
+                warned = False
+            if wandb_log and master:
+                wandb.log({"loss": step_loss, "lr": cur_lr, "grad_norm": grad_norm.item(),
+                           **{f"train/{k}": v for k, v in s.items()}}, step=done)
+            t_log, tokens, window = time.time(), 0, torch.zeros(8, device=dev)
+        if done % eval_interval == 0 or done == steps:
+            v = evaluate_pairs()
+            log(f"step {done}: val {fmt_stats(v)}")
+            if wandb_log and master:
+                wandb.log({f"val/{k}": x for k, x in v.items()}, step=done)
+
+    acc_after = task_accuracy()
+    if acc_after:
+        log(f"step {steps}: task exact-match {fmt_acc(acc_after)}")
+
+    # save: a plain language model (LoRA merged) -------------------------------------------------
+    state = model_state_dict(model)  # every rank joins the gather under FSDP
+    if master:
+        final = Transformer(cfg)
+        if lora_r > 0:
+            apply_lora(final, targets, lora_r, lora_alpha, lora_dropout)
+        final.load_state_dict(state)
+        merge_lora(final)
+        path = os.path.join(out_dir, "ckpt.pt")
+        extra = dict(task_accuracy_before=acc_before[0], task_accuracy_after=acc_after[0]) if acc_before else {}
+        save_checkpoint(path, checkpoint_dict(final, tok_name, step=steps, config=config, val_metrics=v,
+                                              init_from=init_from, **extra))
+        summary = (f" | task exact-match {acc_before[0]:.3f} -> {acc_after[0]:.3f}" if acc_before else "")
+        print(f"saved {path}{summary} ({time.time() - t_start:.0f}s)")
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

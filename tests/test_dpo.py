@@ -1,0 +1,142 @@
+"""DPO family: each loss against its closed form on hand-written log-probs, log 2 at step 0, the
+gradient's sign, sequence log-probs against a naive gather, and dpo.py end to end."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import run_script, tiny_config
+from data.chat import render_prompt
+from data.preference import encode_response, pad_batch
+from data.tokenizer import get_tokenizer
+from dpo import dpo_loss, falling_streak, orpo_loss, preference_loss, sequence_logps, simpo_loss
+from model import Transformer, apply_lora, lora_disabled
+
+# hand-written summed log-probs of two pairs
+PC, PR = torch.tensor([-5.0, -12.0]), torch.tensor([-9.0, -10.0])
+RC, RR = torch.tensor([-6.0, -11.0]), torch.tensor([-8.0, -10.5])
+LC, LR = torch.tensor([5.0, 4.0]), torch.tensor([6.0, 2.0])
+H = [(-5 + 6) - (-9 + 8), (-12 + 11) - (-10 + 10.5)]  # = [2.0, -1.5]
+
+
+def nls(x):  # -log sigmoid(x)
+    return math.log1p(math.exp(-x))
+
+
+@pytest.mark.parametrize("loss_type, beta, eps, want", [
+    ("sigmoid", 0.1, 0.0, [nls(0.1 * h) for h in H]),
+    ("robust", 0.5, 0.2, [0.8 * nls(0.5 * h) + 0.2 * nls(-0.5 * h) for h in H]),
+    ("ipo", 0.25, 0.0, [(h - 1 / (2 * 0.25)) ** 2 for h in H]),
+    ("hinge", 0.4, 0.0, [max(0.0, 1 - 0.4 * h) for h in H]),
+])
+def test_reference_losses_match_closed_form(loss_type, beta, eps, want):
+    losses, r_c, r_r = dpo_loss(PC, PR, RC, RR, beta, loss_type, eps)
+    assert torch.allclose(losses, torch.tensor(want), atol=1e-6)
+    assert torch.allclose(r_c, beta * torch.tensor([1.0, -1.0])) and torch.allclose(r_r, beta * torch.tensor([-1.0, 0.5]))
+
+
+def test_simpo_and_orpo_match_closed_form():
+    beta, gamma = 2.0, 0.5
+    losses, r_c, _ = simpo_loss(PC, PR, LC, LR, beta, gamma)
+    want = [nls(beta * -5 / 5 - beta * -9 / 6 - gamma), nls(beta * -12 / 4 - beta * -10 / 2 - gamma)]
+    assert torch.allclose(losses, torch.tensor(want), atol=1e-6) and torch.allclose(r_c, torch.tensor([-2.0, -6.0]))
+    lam = 0.3
+    losses, _, _ = orpo_loss(PC, PR, LC, LR, lam)
+    want = []
+    for pc, pr, lc, lr in [(-5, -9, 5, 6), (-12, -10, 4, 2)]:
+        pbar_c, pbar_r = math.exp(pc / lc), math.exp(pr / lr)
+        log_odds_ratio = math.log(pbar_c / (1 - pbar_c)) - math.log(pbar_r / (1 - pbar_r))
+        want.append(-pc / lc + lam * nls(log_odds_ratio))
+    assert torch.allclose(losses, torch.tensor(want), atol=1e-5)
+    # the log-odds survive probabilities near 1 and near 0 (tiny and huge per-token log-probs)
+    extreme, _, _ = orpo_loss(torch.tensor([-1e-4, -300.0]), torch.tensor([-50.0, -1e-3]), torch.ones(2), torch.ones(2))
+    assert torch.isfinite(extreme).all()
+
+
+def test_rpo_adds_nll_on_chosen_per_token():
+    base, _, _ = preference_loss(PC, PR, RC, RR, LC, LR, "sigmoid", beta=0.1)
+    with_rpo, _, _ = preference_loss(PC, PR, RC, RR, LC, LR, "sigmoid", beta=0.1, rpo_alpha=0.5)
+    assert torch.allclose(with_rpo - base, 0.5 * torch.tensor([5 / 5, 12 / 4]))
+
+
+def test_sigmoid_gradient_raises_chosen_and_lowers_rejected():
+    pc, pr = PC.clone().requires_grad_(), PR.clone().requires_grad_()
+    losses, _, _ = dpo_loss(pc, pr, RC, RR, beta=0.1)
+    losses.sum().backward()
+    assert (pc.grad < 0).all() and (pr.grad > 0).all()  # descent increases log pi(chosen), decreases log pi(rejected)
+    # magnitude: d/dh -log sigmoid(beta h) = -beta sigmoid(-beta h)
+    assert torch.allclose(pc.grad, torch.tensor([-0.1 / (1 + math.exp(0.1 * h)) for h in H]), atol=1e-6)
+
+
+def batch_of_pairs(tok):
+    prompt = [{"role": "user", "content": "Sort the digits: 3 1 2"}]
+    seqs = [encode_response(prompt, r, tok)[:2] for r in ("1 2 3", "3 2 1 and then some more words")]
+    return seqs, pad_batch(seqs, tok.pad_id)
+
+
+def test_sequence_logps_equal_naive_gather_over_response_tokens():
+    tok = get_tokenizer("default")
+    torch.manual_seed(0)
+    model = Transformer(tiny_config()).eval()
+    seqs, (idx, targets, _) = batch_of_pairs(tok)
+    with torch.no_grad():
+        got, n = sequence_logps(model, idx, targets)
+        logp = F.log_softmax(model(idx)[0].double(), -1)
+    # the reply starts after the generation prompt (same prompt in both rows)
+    prompt_len = len(render_prompt([{"role": "user", "content": "Sort the digits: 3 1 2"}], tok))
+    for b, (ids, mask) in enumerate(seqs):
+        want = sum(logp[b, t - 1, ids[t]].item() for t in range(prompt_len, len(ids)))  # reply + <|im_end|>, no pads
+        assert got[b].item() == pytest.approx(want, abs=1e-4)
+        assert n[b].item() == len(ids) - prompt_len
+
+
+def test_step_zero_loss_is_log2_for_a_frozen_copy_and_for_disabled_adapters():
+    tok = get_tokenizer("default")
+    torch.manual_seed(0)
+    policy = Transformer(tiny_config())
+    ref = Transformer(tiny_config())
+    ref.load_state_dict(policy.state_dict())
+    _, (idx, targets, _) = batch_of_pairs(tok)
+    lp = sequence_logps(policy, idx, targets)[0]
+    with torch.no_grad():
+        rlp = sequence_logps(ref, idx, targets)[0]
+    loss, _, _ = dpo_loss(lp[:1], lp[1:], rlp[:1], rlp[1:], beta=0.1)
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    apply_lora(policy, r=4)
+    for m in policy.modules():  # move the adapters off zero: the policy now differs from its base
+        if hasattr(m, "lora_B"):
+            torch.nn.init.normal_(m.lora_B, std=0.5)
+    lp = sequence_logps(policy, idx, targets)[0]
+    with torch.no_grad(), lora_disabled(policy):
+        blp = sequence_logps(policy, idx, targets)[0]
+    assert torch.allclose(blp, rlp, atol=1e-5) and not torch.allclose(lp, rlp, atol=1e-3)
+
+
+def test_falling_streak():
+    assert falling_streak([-1.0, -1.5, -2.0, -3.0], 4)
+    assert not falling_streak([-1.0, -1.5, -1.4, -3.0], 4)
+    assert not falling_streak([-1.0, -2.0], 4)
+
+
+def test_dpo_script_runs(tiny_ckpt, tmp_path):
+    out = run_script(["dpo.py", f"--init_from={tiny_ckpt}", f"--out_dir={tmp_path / 'dpo'}", "--task_pairs=32",
+                      "--task_val_pairs=8", "--sampled_pairs=8", "--num_samples=2", "--eval_tasks=10",
+                      "--batch_size=8", "--max_steps=3", "--log_interval=1", "--eval_interval=3", "--rpo_alpha=0.0",
+                      "--kernels=torch"],
+                     timeout=300)
+    assert "step 0: val loss 0.6931" in out  # policy == reference at step 0
+    for key in ("rewards/chosen", "rewards/rejected", "margins", "accuracy", "logps/chosen", "logps/rejected"):
+        assert key in out
+    assert "task exact-match" in out and "saved" in out
+    from model import model_from_checkpoint
+    model_from_checkpoint(str(tmp_path / "dpo" / "ckpt.pt"))  # a plain language model
+
+
+def test_dpo_script_lora_with_precomputed_reference(tiny_ckpt, tmp_path):
+    common = [f"--init_from={tiny_ckpt}", f"--out_dir={tmp_path / 'dpo'}", "--task_pairs=24", "--task_val_pairs=8",
+              "--sampled_pairs=0", "--eval_tasks=0", "--batch_size=8", "--max_steps=2", "--log_interval=1",
+              "--kernels=torch"]
+    out = run_script(["dpo.py", *common, "--lora_r=4", "--precompute_ref_logprobs=True", "--loss_type=ipo"], timeout=300)
+    assert "reference: precomputed log-probs" in out and "(LoRA r=4)" in out and "saved" in out
