@@ -355,11 +355,19 @@ class Transformer(nn.Module):
         if temperature != 1.0:
             assert not cfg.logit_softcap, "temperature with logit_softcap is not supported in the fused loss"
             x = x / temperature  # (x / t) @ W^T == logits / t
+        x, targets = x.reshape(B * T, -1), targets.reshape(B * T)
+        # Post-training batches are mostly ignored positions (prompts, padding): run the head only on
+        # the rows that have a target. (Costs one host sync; pretraining rows are all targets.)
+        keep = targets != -100
+        sparse = not bool(keep.all())
+        rows = keep.nonzero().squeeze(1) if sparse else None
         loss = kernels.linear_cross_entropy(
-            x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(B * T), ignore_index=-100,
+            x[rows] if sparse else x, self.lm_head.weight, targets[rows] if sparse else targets, ignore_index=-100,
             reduction=reduction, z_loss=cfg.z_loss if self.training else 0.0, softcap=cfg.logit_softcap,
             impl=self.impl)
         if reduction == "none":
+            if sparse:
+                loss = torch.zeros(B * T, dtype=loss.dtype, device=loss.device).index_put((rows,), loss)
             return None, loss.view(B, T)
         aux = self.moe_aux_loss()
         if aux is not None and cfg.moe_aux_loss_coef > 0:
