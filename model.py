@@ -440,7 +440,7 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                 repetition_penalty=1.0, stop_tokens=(), pad_id=0, generator=None, callback=None, _gathered=False):
+                 repetition_penalty=1.0, stop_tokens=(), pad_id=0, generator=None, callback=None):
         """Batched sampling with a KV cache. prompts: a list of token-id lists (any lengths; they are
         left-padded, and each row gets its own positions) or a (B, P) tensor.
         temperature 0 is greedy. A row stops after emitting a token in stop_tokens; later slots are pad_id.
@@ -449,60 +449,82 @@ class Transformer(nn.Module):
         model — before top-k/top-p/penalty — which is what a training forward at that temperature gives).
         callback(tokens): if given, called after every sampling step with the (B,) tensor of tokens just
         sampled (pad_id in rows already finished) — for streaming output (chat.py)."""
-        if hasattr(self, "unshard") and not _gathered:  # FSDP2: generation bypasses the root forward, so gather its own
-            self.unshard()            # parameters (embedding, final norm, head) by hand; blocks gather in their hooks
-            try:
-                return self.generate(prompts, max_new_tokens, temperature, top_k, top_p,
-                                     repetition_penalty, stop_tokens, pad_id, generator, callback, _gathered=True)
-            finally:
-                self.reshard()
-        device = self.tok_emb.weight.device
-        if torch.is_tensor(prompts):
-            prompts = prompts.tolist()
-        B, P = len(prompts), max(len(p) for p in prompts)
-        assert min(len(p) for p in prompts) > 0, "every prompt needs at least one token"
-        total = P + max_new_tokens
-        if total > self.config.max_seq_len:
-            raise ValueError(f"prompt ({P}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len={self.config.max_seq_len}")
-        idx = torch.full((B, P), pad_id, dtype=torch.long, device=device)
-        n_pad = torch.tensor([P - len(p) for p in prompts], device=device)
-        for b, p in enumerate(prompts):
-            idx[b, P - len(p):] = torch.tensor(p, device=device)
-        cache = KVCache(self.config, B, total, device, self.tok_emb.weight.dtype if device.type == "cpu" else
-                        (torch.bfloat16 if torch.is_autocast_enabled("cuda") else self.tok_emb.weight.dtype))
-        cache.valid[:, :P] = torch.arange(P, device=device)[None] >= n_pad[:, None]
-        positions = (torch.arange(P, device=device)[None] - n_pad[:, None]).clamp(min=0)
-        stop = torch.tensor(list(stop_tokens) or [-1], device=device)
-        seen = None
-        if repetition_penalty != 1.0:
-            seen = torch.zeros(B, self.config.vocab_size, dtype=torch.bool, device=device)
-            seen.scatter_(1, idx, cache.valid[:, :P])
-        out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
-        logprobs = torch.zeros(B, max_new_tokens, device=device)
-        done = torch.zeros(B, dtype=torch.bool, device=device)
-        lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)
+        with fsdp_gathered(self):  # a no-op unless FSDP2-sharded
+            device = self.tok_emb.weight.device
+            if torch.is_tensor(prompts):
+                prompts = prompts.tolist()
+            B, P = len(prompts), max(len(p) for p in prompts)
+            assert min(len(p) for p in prompts) > 0, "every prompt needs at least one token"
+            total = P + max_new_tokens
+            if total > self.config.max_seq_len:
+                raise ValueError(f"prompt ({P}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len={self.config.max_seq_len}")
+            idx = torch.full((B, P), pad_id, dtype=torch.long, device=device)
+            n_pad = torch.tensor([P - len(p) for p in prompts], device=device)
+            for b, p in enumerate(prompts):
+                idx[b, P - len(p):] = torch.tensor(p, device=device)
+            cache = KVCache(self.config, B, total, device, self.tok_emb.weight.dtype if device.type == "cpu" else
+                            (torch.bfloat16 if torch.is_autocast_enabled("cuda") else self.tok_emb.weight.dtype))
+            cache.valid[:, :P] = torch.arange(P, device=device)[None] >= n_pad[:, None]
+            positions = (torch.arange(P, device=device)[None] - n_pad[:, None]).clamp(min=0)
+            stop = torch.tensor(list(stop_tokens) or [-1], device=device)
+            seen = None
+            if repetition_penalty != 1.0:
+                seen = torch.zeros(B, self.config.vocab_size, dtype=torch.bool, device=device)
+                seen.scatter_(1, idx, cache.valid[:, :P])
+            out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+            logprobs = torch.zeros(B, max_new_tokens, device=device)
+            done = torch.zeros(B, dtype=torch.bool, device=device)
+            lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)
 
-        logits = self._step(idx, positions, cache, None)  # prefill
-        pos = positions[:, -1]
-        slots = torch.arange(P, total, device=device)  # made once: torch.tensor(..., device=cuda) per step syncs
-        for t in range(max_new_tokens):
-            tok, lp = sample_next(logits, temperature, top_k, top_p, repetition_penalty, seen, generator)
-            tok = torch.where(done, torch.full_like(tok, pad_id), tok)
-            out[:, t], logprobs[:, t] = tok, lp.masked_fill(done, 0.0)
-            if callback is not None:
-                callback(tok)
-            if seen is not None:
-                seen.scatter_(1, tok[:, None], True)
-            hit = torch.isin(tok, stop) & ~done
-            lengths = torch.where(hit, torch.full_like(lengths, t + 1), lengths)
-            done = done | hit
-            if t == max_new_tokens - 1 or ((t % 8 == 7 or device.type == "cpu") and bool(done.all())):
-                break  # checking done.all() syncs with the GPU, so only every 8 steps there
-            pos = pos + 1
-            cache.valid[:, P + t] = True
-            logits = self._step(tok[:, None], pos[:, None], cache, slots[t])
-        n = int(lengths.max()) if bool(done.all()) else out.shape[1]
-        return dict(tokens=out[:, :n], lengths=lengths, logprobs=logprobs[:, :n])
+            logits = self._step(idx, positions, cache, None)  # prefill
+            pos = positions[:, -1]
+            slots = torch.arange(P, total, device=device)  # made once: torch.tensor(..., device=cuda) per step syncs
+            for t in range(max_new_tokens):
+                tok, lp = sample_next(logits, temperature, top_k, top_p, repetition_penalty, seen, generator)
+                tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+                out[:, t], logprobs[:, t] = tok, lp.masked_fill(done, 0.0)
+                if callback is not None:
+                    callback(tok)
+                if seen is not None:
+                    seen.scatter_(1, tok[:, None], True)
+                hit = torch.isin(tok, stop) & ~done
+                lengths = torch.where(hit, torch.full_like(lengths, t + 1), lengths)
+                done = done | hit
+                if t == max_new_tokens - 1 or ((t % 8 == 7 or device.type == "cpu") and bool(done.all())):
+                    break  # checking done.all() syncs with the GPU, so only every 8 steps there
+                pos = pos + 1
+                cache.valid[:, P + t] = True
+                logits = self._step(tok[:, None], pos[:, None], cache, slots[t])
+            n = int(lengths.max()) if bool(done.all()) else out.shape[1]
+            return dict(tokens=out[:, :n], lengths=lengths, logprobs=logprobs[:, :n])
+
+
+@contextmanager
+def fsdp_gathered(model):
+    """Hold every FSDP2 layer's full parameters for a stretch of generation (no-op for other models).
+
+    FSDP2 gathers a layer's parameters inside its forward. Generation would then all-gather every
+    layer at every token, never gather the root's own embedding/norm/head (decoding bypasses the root
+    forward), and deadlock when one rank's rows finish earlier than another's. Inside this block there
+    are no collectives, so ranks may make different numbers of generate calls; entering and leaving it
+    are collectives (every rank must do both). generate() enters it itself unless the caller already has."""
+    model = unwrap(model)
+    if not hasattr(model, "unshard") or getattr(model, "_fsdp_gathered", False):
+        yield
+        return
+    model._get_fsdp_state()._lazy_init()  # what the first root forward would do
+    sharded = [m for m in model.modules() if hasattr(m, "unshard")]
+    model.set_reshard_after_forward(False)
+    for m in sharded:
+        m.unshard()
+    model._fsdp_gathered = True
+    try:
+        yield
+    finally:
+        model._fsdp_gathered = False
+        model.set_reshard_after_forward(True)
+        for m in sharded:
+            m.reshard()
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0, seen=None, generator=None):

@@ -35,7 +35,7 @@ from data import tasks
 from data.chat import BadRecord, load_conversations, render_prompt
 from data.sft_data import collate_padded, micro_batches, tokenize_conversations
 from data.tokenizer import get_tokenizer
-from model import (Transformer, apply_lora, checkpoint_dict, configure_optimizer, load_checkpoint, lora_modules,
+from model import (Transformer, apply_lora, checkpoint_dict, configure_optimizer, fsdp_gathered, load_checkpoint, lora_modules,
                    lr_at, merge_lora, model_from_checkpoint, model_state_dict, parallelize, save_checkpoint, unwrap)
 
 # -----------------------------------------------------------------------------
@@ -197,18 +197,6 @@ def to_device(mb):
     return {k: v.to(device, non_blocking=True) for k, v in mb.items()}
 
 
-class full_params:
-    """FSDP2 gathers a module's parameters only inside its forward(); generate() calls the blocks'
-    forward (gathered by their hooks) but reads the root's own embedding and norm directly."""
-    def __enter__(self):
-        if ddp and parallel == "fsdp":
-            raw.unshard()
-
-    def __exit__(self, *exc):
-        if ddp and parallel == "fsdp":
-            raw.reshard()
-
-
 @torch.no_grad()
 def evaluate():
     """Validation loss per target token, exact-match accuracy per task (tasks data), a few sampled replies.
@@ -223,7 +211,7 @@ def evaluate():
         loss_sum, n = loss_sum + loss.item(), n + int((mb["targets"] != -100).sum())
     out["val_loss"] = loss_sum / max(n, 1)
     gen_kw = dict(stop_tokens=(tok.im_end_id,), pad_id=tok.pad_id)
-    with full_params(), autocast:
+    with fsdp_gathered(raw), autocast:
         if test_examples:
             prompts = [render_prompt(tasks.to_messages(ex), tok) for ex in test_examples]
             budget = min(eval_max_new_tokens, cfg.max_seq_len - max(map(len, prompts)))

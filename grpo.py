@@ -1,0 +1,621 @@
+"""
+GRPO: reinforcement learning from verifiable (rule-based) and learned rewards, without a critic.
+
+For each prompt the policy samples G = num_generations completions (one batched, KV-cached
+generate call over all prompts x G), each is scored, and its advantage is its reward relative to
+its group: A = (r - mean_group) / (std_group + epsilon_std) (Dr. GRPO: no std). The loss is the
+clipped importance-ratio objective of PPO on every completion token, with an optional k3 KL
+penalty to a frozen reference model:
+
+    ratio = pi(y_t) / pi_old(y_t)
+    loss_t = -min(ratio * A, clip(ratio, 1 - epsilon, 1 + epsilon_high) * A) + beta * k3_t
+    k3_t = pi_ref/pi - log(pi_ref/pi) - 1
+
+aggregated per loss_type: "grpo" (mean over each completion's tokens, then over completions),
+"dapo" (mean over all tokens of the step), "dr_grpo" (sum over tokens / (completions * max_new_tokens)).
+Each batch of rollouts is used for num_iterations optimizer steps; pi_old is then the policy that
+sampled them. With num_iterations = 1 the ratio is exactly 1 and the loss *value* is ~0 at every
+step (its gradient is the REINFORCE gradient): a near-zero loss is expected, watch reward and accuracy.
+DAPO options: epsilon_high > epsilon (clip-higher), dynamic_sampling (drop groups whose rewards
+are all equal and sample more prompts instead), soft overlong punishment (overlong_buffer > 0).
+
+Rewards: rule-based functions of data/rewards.py picked by name (reward_funcs, reward_weights),
+and/or a learned reward model from reward.py (reward_model = PATH), summed with weights.
+
+Logged every log_interval steps: reward mean±std and per reward function, accuracy of the samples,
+KL (k3, per token), clip fraction, entropy (the mean -log pi of the sampled tokens: a free Monte
+Carlo estimate of the per-token entropy at the sampling temperature; the fused training loss never
+forms the logits), completion length, logp_diff (|training-forward log-prob - generate's|, ~1e-7 in
+fp32), and tokens/s of training (tok/s) and of generation (gen tok/s). Held-out accuracy (greedy,
+test split, per task) before training, every eval_interval steps and at the end.
+Under torchrun (DDP or FSDP) each rank samples its own share of the prompts with all G completions
+of each, so a group never spans ranks.
+
+$ python grpo.py                                   # embedded default: out/sft/ckpt.pt on data/tasks.py, CPU, minutes
+$ python grpo.py configs/grpo_tiny.py --init_from=ckpt.pt  # a few steps of a tiny run (the tests use it)
+$ python grpo.py configs/grpo_dapo.py              # DAPO: clip-higher, dynamic sampling, token-mean, overlong shaping
+$ python grpo.py --reward_model=out/reward/ckpt.pt --reward_funcs=() --beta=0.04   # learned reward only
+$ torchrun --nproc_per_node=8 grpo.py configs/grpo_gsm8k.py   # GSM8K on GPUs (openai/gsm8k via `datasets`)
+
+Writes {out_dir}/ckpt.pt (a full checkpoint; with LoRA the adapters are merged into it).
+"""
+
+import copy
+import math
+import os
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+
+# -----------------------------------------------------------------------------
+# config
+# I/O
+init_from = "out/sft/ckpt.pt"
+out_dir = "out/grpo"
+# data
+dataset = "tasks"            # "tasks" (data/tasks.py) | "gsm8k" (openai/gsm8k "main" via `datasets`)
+data_path = ""               # gsm8k: a local .jsonl/.json/.parquet train file with the openai/gsm8k schema
+eval_data_path = ""          # gsm8k: the same for the test split
+n_train = 20000              # tasks: number of training questions
+task_subset = ""             # tasks: comma-separated subset of data.tasks.TASKS to train and test on ("" = all)
+system_prompt = ""           # a system message before every question ("" = none)
+# rewards: rule-based functions from data/rewards.py, and/or a learned reward model (reward.py)
+reward_funcs = ("exact",)    # names in data.rewards.REWARD_FUNCS: exact | format | gsm8k
+reward_weights = ()          # one per reward function; () = all 1.0
+reward_model = ""            # path of a reward.py checkpoint ("" = none)
+reward_model_weight = 1.0
+# rollouts
+num_generations = 16         # G completions per prompt (>= 2)
+prompts_per_step = 8         # prompts per rollout batch, over all ranks (each rank samples its share)
+max_new_tokens = 16
+temperature = 1.0            # sampling temperature; the training log-probs use the same one
+top_p = 1.0
+top_k = 0                    # 0 = off
+# GRPO / DAPO / Dr. GRPO
+beta = 0.0                   # KL coefficient (k3 estimator); 0 = no reference model is kept
+epsilon = 0.2                # clip range below 1
+epsilon_high = 0.2           # clip range above 1 (DAPO clip-higher: 0.28)
+epsilon_std = 1e-4           # added to the group std before dividing
+scale_rewards = True         # False: A = r - mean (Dr. GRPO)
+num_iterations = 1           # mu: optimizer steps per rollout batch
+loss_type = "grpo"           # "grpo" | "dapo" | "dr_grpo"
+dynamic_sampling = False     # DAPO: drop groups with all-equal rewards, sample more prompts to fill the batch
+max_sampling_rounds = 3      # dynamic sampling: at most this many rollout rounds per step
+overlong_buffer = 0          # DAPO soft overlong punishment over the last overlong_buffer tokens (0 = off)
+overlong_penalty = 1.0       # its largest penalty (at max_new_tokens)
+# optimisation
+max_steps = 150              # rollout batches
+micro_batch_size = 64        # completions per forward/backward
+lr = 5e-4                    # high for a tiny model; ~1e-6 full fine-tuning at scale
+min_lr = 5e-4
+warmup_steps = 0
+lr_schedule = "constant"     # cosine | wsd | constant
+weight_decay = 0.0
+beta1 = 0.9
+beta2 = 0.99
+adam_eps = 1e-8
+grad_clip = 1.0              # 0 = off
+# LoRA (lora_r = 0: full fine-tuning); the reference model is then the base with adapters off
+lora_r = 0
+lora_alpha = 16.0
+lora_dropout = 0.0           # dropout would make the policy stochastic: ratio and sampled log-probs disagree
+lora_targets = "all"
+lora_rslora = False
+# eval: greedy exact-answer accuracy on held-out (test split) questions
+eval_interval = 50           # 0 = only before and after training
+eval_size = 500
+eval_batch_size = 250
+eval_samples = 2             # sampled completions printed at each log line (0 = none)
+log_interval = 1
+# system
+seed = 1337
+parallel = "ddp"             # under torchrun: ddp | fsdp
+kernels = "auto"             # auto | triton | torch
+compile = False
+wandb_log = False
+wandb_project = "grpo"
+wandb_run_name = "grpo"
+
+
+# -----------------------------------------------------------------------------
+# the algorithm, as pure functions on tensors (tests/test_grpo.py checks each against a reference)
+
+def group_advantages(rewards, num_generations, scale_rewards=True, epsilon_std=1e-4):
+    """rewards (N,) with the G completions of each prompt consecutive -> advantages (N,).
+    (r - mean of its group) / (std of its group + epsilon_std), std with Bessel's correction
+    (as TRL); scale_rewards=False (Dr. GRPO) leaves out the division. An all-equal group gets 0."""
+    r = rewards.float().view(-1, num_generations)
+    a = r - r.mean(1, keepdim=True)
+    if scale_rewards:
+        a = a / (r.std(1, keepdim=True) + epsilon_std)
+    return a.view(-1)
+
+
+def k3_kl(logp, ref_logp):
+    """Per-token k3 estimator of KL(pi || pi_ref) from log-probs of tokens sampled from pi:
+    rho - log(rho) - 1 with rho = pi_ref / pi. Unbiased, >= 0, and 0 where pi = pi_ref."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def clipped_objective(logp, old_logp, advantages, epsilon=0.2, epsilon_high=None):
+    """PPO's clipped surrogate per token: min(ratio * A, clip(ratio, 1 - eps, 1 + eps_high) * A),
+    ratio = exp(logp - old_logp), advantages (B,) broadcast over tokens (B, T). Returns the objective
+    (to maximise) and where the clipped side is the one taken (no gradient flows there)."""
+    epsilon_high = epsilon if epsilon_high is None else epsilon_high
+    ratio = torch.exp(logp - old_logp)
+    a = advantages[:, None]
+    unclipped = ratio * a
+    clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high) * a
+    return torch.minimum(unclipped, clipped), clipped < unclipped
+
+
+def loss_numerator(per_token_loss, mask, loss_type):
+    """The step loss is loss_numerator summed over micro-batches / loss_denominator of the whole step
+    (so it does not depend on how the step is cut into micro-batches and ranks).
+    grpo: sum over completions of their token mean; dapo, dr_grpo: sum over all tokens."""
+    m = mask.to(per_token_loss.dtype)
+    if loss_type == "grpo":
+        return ((per_token_loss * m).sum(1) / m.sum(1).clamp(min=1)).sum()
+    assert loss_type in ("dapo", "dr_grpo"), f"unknown loss_type {loss_type!r}: use grpo, dapo or dr_grpo"
+    return (per_token_loss * m).sum()
+
+
+def loss_denominator(mask, loss_type, max_new_tokens):
+    """grpo: number of completions; dapo: number of tokens; dr_grpo: completions * max_new_tokens
+    (a constant per completion, so long and short answers are not re-weighted). Completions whose
+    mask is all zero (dropped by dynamic sampling) do not count."""
+    n_seq = (mask.sum(1) > 0).sum()
+    if loss_type == "grpo":
+        return n_seq
+    if loss_type == "dapo":
+        return mask.sum()
+    assert loss_type == "dr_grpo", f"unknown loss_type {loss_type!r}: use grpo, dapo or dr_grpo"
+    return n_seq * max_new_tokens
+
+
+def aggregate_loss(per_token_loss, mask, loss_type, max_new_tokens):
+    """The loss of one batch by itself (what the training loop computes over a whole step)."""
+    return loss_numerator(per_token_loss, mask, loss_type) / loss_denominator(mask, loss_type, max_new_tokens)
+
+
+def grpo_token_loss(logp, old_logp, advantages, ref_logp=None, beta=0.0, epsilon=0.2, epsilon_high=None):
+    """Per-token loss (B, T): -clipped objective + beta * k3 KL. old_logp None: on-policy (the ratio is
+    exp(logp - logp.detach()) = 1, with the gradient of logp). Returns (loss, is_clipped, kl or None)."""
+    old_logp = logp.detach() if old_logp is None else old_logp
+    objective, is_clipped = clipped_objective(logp, old_logp, advantages, epsilon, epsilon_high)
+    loss = -objective
+    kl = None
+    if ref_logp is not None and beta > 0:
+        kl = k3_kl(logp, ref_logp)
+        loss = loss + beta * kl
+    return loss, is_clipped, kl
+
+
+def soft_overlong_penalty(lengths, max_new_tokens, buffer, penalty=1.0):
+    """DAPO's soft overlong punishment: 0 up to max_new_tokens - buffer tokens, then falling linearly
+    to -penalty at max_new_tokens (a completion cut off there scores -penalty)."""
+    start = max_new_tokens - buffer
+    return -penalty * ((lengths.float() - start) / buffer).clamp(0, 1)
+
+
+def completion_logprobs(model, prompts, completions, lengths, temperature=1.0):
+    """Log-probs (B, N) of completions[b, :lengths[b]] after prompts[b] (lists of ids) under
+    softmax(logits / temperature), from a training forward through model (the DDP/FSDP wrapper,
+    so that gradients synchronise); 0 past each length. Rows are prompt + completion, right-padded:
+    causal attention never looks right, so the pads need no mask, and positions count from each
+    row's first token just as in generate (which left-pads, with per-row positions)."""
+    B, N = completions.shape
+    device = completions.device
+    comp, lens = completions.tolist(), lengths.tolist()
+    rows = [p + c[:n] for p, c, n in zip(prompts, comp, lens)]
+    T = max(map(len, rows))
+    idx = torch.zeros(B, T, dtype=torch.long)  # pad id 0: only ever read by positions nothing attends from
+    targets = torch.full((B, T), -100, dtype=torch.long)
+    for b, (p, row) in enumerate(zip(prompts, rows)):
+        idx[b, :len(row)] = torch.tensor(row)
+        targets[b, len(p) - 1:len(row) - 1] = torch.tensor(row[len(p):])  # position t predicts token t + 1
+    idx, targets = idx.to(device), targets.to(device)
+    _, nll = model(idx[:, :-1], targets[:, :-1], reduction="none", temperature=temperature)
+    start = torch.tensor([len(p) - 1 for p in prompts], device=device)
+    j = torch.arange(N, device=device)
+    cols = (start[:, None] + j[None]).clamp(max=T - 2)
+    valid = j[None] < lengths[:, None].to(device)
+    return torch.where(valid, -nll.gather(1, cols), torch.zeros((), device=device))
+
+
+def score_completions(examples, completions, funcs, weights):
+    """Rule-based rewards: examples and completion texts (N each), reward functions and weights ->
+    (total (N,), per function (K, N)) as float tensors on the CPU."""
+    per = torch.tensor([[float(f(ex, c)) for ex, c in zip(examples, completions)] for f in funcs]).view(len(funcs), -1)
+    w = torch.tensor(weights, dtype=torch.float32).view(-1, 1)
+    return (per * w).sum(0) if funcs else torch.zeros(len(completions)), per
+
+
+# -----------------------------------------------------------------------------
+# the training script (`import grpo` stops above: the tests import the functions)
+if __name__ == "__main__":
+    from configs import configure
+    config = configure(globals())
+
+    from data import tasks
+    from data.chat import render_prompt
+    from data.rewards import get_reward_funcs, is_correct, load_gsm8k
+    from data.tokenizer import get_tokenizer
+    from model import (RewardModel, Transformer, apply_lora, checkpoint_dict, configure_optimizer, load_checkpoint,
+                       fsdp_gathered, lora_disabled, lora_modules, lr_at, merge_lora, model_from_checkpoint, model_state_dict,
+                       parallelize, save_checkpoint, unwrap)
+
+    def fail(msg):
+        raise SystemExit(f"grpo: {msg}")
+
+    if num_generations < 2:
+        fail(f"num_generations={num_generations}: group-relative advantages need at least 2 completions per prompt")
+    if temperature <= 0:
+        fail(f"temperature={temperature}: GRPO samples (greedy groups would all be equal); use e.g. 1.0")
+    if loss_type not in ("grpo", "dapo", "dr_grpo"):
+        fail(f"unknown loss_type {loss_type!r}: use grpo, dapo or dr_grpo")
+    if num_iterations < 1:
+        fail(f"num_iterations={num_iterations} must be >= 1")
+    if not reward_funcs and not reward_model:
+        fail("no reward: set reward_funcs (e.g. ('exact',)) and/or reward_model=PATH")
+    weights = tuple(reward_weights) or (1.0,) * len(reward_funcs)
+    if len(weights) != len(reward_funcs):
+        fail(f"reward_weights {tuple(reward_weights)} must have one weight per reward function {tuple(reward_funcs)}")
+    funcs = get_reward_funcs(reward_funcs)
+    if overlong_buffer and not 0 < overlong_buffer <= max_new_tokens:
+        fail(f"overlong_buffer={overlong_buffer} must be in 1..max_new_tokens ({max_new_tokens})")
+
+    # -------------------------------------------------------------------------
+    # distributed setup
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    if ddp:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if torch.cuda.is_available() else "cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+    else:
+        rank, world_size = 0, 1
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    master = rank == 0
+    log = print if master else (lambda *a, **k: None)
+    autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
+    if prompts_per_step % world_size:
+        fail(f"prompts_per_step={prompts_per_step} must be divisible by the number of ranks ({world_size})")
+    local_prompts = prompts_per_step // world_size
+
+    # -------------------------------------------------------------------------
+    # policy, reference, reward model
+    if not os.path.exists(init_from):
+        hint = "python sft.py" if init_from == "out/sft/ckpt.pt" else "the stage that writes it"
+        fail(f"init checkpoint {init_from} not found. Run `{hint}` first, or pass --init_from=PATH.")
+    ckpt = load_checkpoint(init_from)
+    tok = get_tokenizer(ckpt["tokenizer"])
+    # no dropout: the importance ratio and the sampled log-probs assume one deterministic policy
+    model = model_from_checkpoint(ckpt, "cpu", kernels=kernels, dropout=0.0)
+    del ckpt
+    if lora_modules(model):
+        merge_lora(model)  # an adapter checkpoint from sft.py: start from the merged model
+    cfg = model.config
+    ref_model = None
+    lora = None
+    if lora_r > 0:
+        targets = "all" if lora_targets == "all" else tuple(t.strip() for t in lora_targets.split(","))
+        lora = dict(targets=targets, r=lora_r, alpha=lora_alpha, dropout=lora_dropout, rslora=lora_rslora)
+        torch.manual_seed(seed)  # the same adapter init on every rank (FSDP does not broadcast parameters)
+        apply_lora(model, **lora)  # the reference is then free: the same model with its adapters off
+    elif beta > 0:
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    torch.manual_seed(seed + rank)
+    model.to(device)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(f"init from {init_from}: {model.num_params() / 1e6:.2f}M params, {n_trainable / 1e6:.3f}M trainable"
+        f"{f' (LoRA r={lora_r})' if lora else ''}, reference: "
+        f"{'none (beta=0)' if beta == 0 else 'base with adapters off' if lora else 'frozen copy'}, device {device}, world {world_size}")
+    rm = None
+    if reward_model:
+        # reward.py trains from the SFT checkpoint, so it shares the policy's tokenizer
+        rm = RewardModel.from_checkpoint(reward_model, device, kernels=kernels).eval().requires_grad_(False)
+        log(f"reward model {reward_model}: {sum(p.numel() for p in rm.parameters()) / 1e6:.2f}M params, "
+            f"weight {reward_model_weight}")
+
+    # -------------------------------------------------------------------------
+    # data: examples are dicts with "prompt" and "answer" (plus "task")
+    if dataset == "tasks":
+        names = tuple(t.strip() for t in task_subset.split(",")) if task_subset else tasks.TASKS
+        if set(names) - set(tasks.TASKS):
+            fail(f"unknown task(s) {sorted(set(names) - set(tasks.TASKS))} in task_subset: choose from {', '.join(tasks.TASKS)}")
+        train_examples = tasks.generate(n_train, "train", seed=seed, tasks=names)
+        test_examples = tasks.generate(eval_size, "test", seed=0, tasks=names)
+    elif dataset == "gsm8k":
+        train_examples = load_gsm8k("train", data_path or None)
+        test_examples = load_gsm8k("test", eval_data_path or None)[:eval_size]
+    else:
+        fail(f"unknown dataset {dataset!r}: use tasks or gsm8k")
+
+    def prompt_ids(ex):
+        return render_prompt(tasks.to_messages(ex, system_prompt or None), tok)
+
+    budget = cfg.max_seq_len - max_new_tokens
+    n_before = len(train_examples)
+    train_examples = [ex for ex in train_examples if len(prompt_ids(ex)) <= budget]
+    if not train_examples:
+        fail(f"every prompt is longer than max_seq_len - max_new_tokens = {budget} tokens; lower --max_new_tokens")
+    test_examples = [ex for ex in test_examples if len(prompt_ids(ex)) <= budget]
+    task_names = list(dict.fromkeys(ex["task"] for ex in test_examples))
+    log(f"data {dataset}: {len(train_examples)} train prompts ({n_before - len(train_examples)} dropped as too long), "
+        f"{len(test_examples)} test; rewards {dict(zip(reward_funcs, weights))}"
+        f"{f' + reward model x{reward_model_weight}' if rm else ''}")
+    # Rollouts are sharded by prompt: each rank owns a disjoint stream of prompts and samples all G
+    # completions of each of them itself, so every group lives on one rank and its advantages (which
+    # need only that group's rewards) are computed there, with no communication.
+    order = torch.randperm(len(train_examples), generator=torch.Generator().manual_seed(seed)).tolist()
+    my_order, cursor = order[rank::world_size], 0
+
+    def next_prompts(n):
+        global cursor
+        out = [train_examples[my_order[(cursor + i) % len(my_order)]] for i in range(n)]
+        cursor += n
+        return out
+
+    # -------------------------------------------------------------------------
+    # training setup
+    model = parallelize(model, parallel if ddp else "none", device)
+    # after parallelize: FSDP2 replaces the parameters with sharded ones
+    optimizer = configure_optimizer(model, lr, weight_decay, (beta1, beta2), adam_eps, device.type)
+    if ref_model is not None:
+        ref_model.to(device)
+        if ddp and parallel == "fsdp":
+            parallelize(ref_model, "fsdp", device)  # sharded like the policy, forward-only
+    if compile:
+        model = torch.compile(model)
+    raw = unwrap(model)
+    sample_gen = torch.Generator(device=device).manual_seed(seed + rank)
+    stop = (tok.im_end_id,)
+
+    def grad_sync(last):
+        # accumulate locally and communicate once per optimizer step, on its last micro-batch
+        if ddp and parallel == "ddp" and not last:
+            return model.no_sync()
+        if ddp and parallel == "fsdp":
+            model.set_requires_gradient_sync(last)
+        return nullcontext()
+
+    def decode(tokens, lengths):
+        return [tok.decode([t for t in row[:n] if t != tok.im_end_id]) for row, n in zip(tokens.tolist(), lengths.tolist())]
+
+    @torch.no_grad()
+    def evaluate():
+        """Greedy exact-answer accuracy on the held-out questions, overall and per task, split over ranks."""
+        raw.eval()
+        mine = test_examples[rank::world_size]
+        counts = torch.zeros(2, len(task_names), device=device, dtype=torch.float64)  # correct, total
+        with fsdp_gathered(raw), autocast:
+            for i in range(0, len(mine), eval_batch_size):
+                batch = mine[i:i + eval_batch_size]
+                g = raw.generate([prompt_ids(ex) for ex in batch], max_new_tokens, temperature=0.0,
+                                 stop_tokens=stop, pad_id=tok.pad_id)
+                for ex, c in zip(batch, decode(g["tokens"], g["lengths"])):
+                    counts[0, task_names.index(ex["task"])] += is_correct(ex, c)
+                    counts[1, task_names.index(ex["task"])] += 1
+        if ddp:
+            dist.all_reduce(counts)
+        raw.train()
+        per_task = {t: (counts[0, j] / counts[1, j].clamp(min=1)).item() for j, t in enumerate(task_names)}
+        return (counts[0].sum() / counts[1].sum().clamp(min=1)).item(), per_task
+
+    def report(step, ev):
+        per_task = " ".join(f"{t} {a:.0%}" for t, a in ev[1].items()) if len(ev[1]) > 1 else ""
+        log(f"eval step {step} | held-out accuracy {ev[0]:.1%}" + (f" ({per_task})" if per_task else ""))
+        if wandb_log and master:
+            wandb.log({"step": step, "val/accuracy": ev[0], **{f"val/accuracy_{t}": a for t, a in ev[1].items()}})
+
+    @torch.no_grad()
+    def rollout(examples):
+        """G sampled completions of each example (one generate call), their rewards and correctness."""
+        prompts = [prompt_ids(ex) for ex in examples for _ in range(num_generations)]
+        exs = [ex for ex in examples for _ in range(num_generations)]
+        with autocast:
+            g = raw.generate(prompts, max_new_tokens, temperature=temperature, top_k=top_k or None, top_p=top_p,
+                             stop_tokens=stop, pad_id=tok.pad_id, generator=sample_gen)
+        B, N = g["tokens"].shape
+        tokens = torch.full((B, max_new_tokens), tok.pad_id, dtype=torch.long, device=device)
+        logprobs = torch.zeros(B, max_new_tokens, device=device)
+        tokens[:, :N], logprobs[:, :N] = g["tokens"], g["logprobs"]
+        texts = decode(g["tokens"], g["lengths"])
+        rewards, per_func = score_completions(exs, texts, funcs, weights)
+        if rm is not None:
+            convs = [tasks.to_messages(dict(prompt=ex["prompt"], answer=t), system_prompt or None) for ex, t in zip(exs, texts)]
+            with autocast:
+                rm_scores = rm.score(convs, tok).float().cpu()
+            rewards = rewards + reward_model_weight * rm_scores
+            per_func = torch.cat([per_func, rm_scores[None]])
+        if overlong_buffer:
+            rewards = rewards + soft_overlong_penalty(g["lengths"].cpu(), max_new_tokens, overlong_buffer, overlong_penalty)
+        return dict(prompts=prompts, tokens=tokens, lengths=g["lengths"], logprobs=logprobs, rewards=rewards,
+                    per_func=per_func.T, correct=torch.tensor([float(is_correct(e, t)) for e, t in zip(exs, texts)]),
+                    texts=texts, examples=exs)
+
+    def select(batch, rows):
+        return {k: [v[i] for i in rows] if isinstance(v, list) else v[torch.tensor(rows, device=v.device)]
+                for k, v in batch.items()}
+
+    def concat(parts):
+        return {k: sum((p[k] for p in parts), []) if isinstance(parts[0][k], list) else torch.cat([p[k] for p in parts])
+                for k in parts[0]}
+
+    if wandb_log and master:
+        import wandb
+        wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+
+    # -------------------------------------------------------------------------
+    # training loop
+    G = num_generations
+    log(f"evaluating on {len(test_examples)} held-out questions (greedy, max_new_tokens={max_new_tokens})")
+    ev0 = ev = evaluate()
+    report(0, ev0)
+    t_start = time.time()
+    total_opt_steps = max_steps * num_iterations
+    opt_step = 0
+    for step in range(1, max_steps + 1):
+        t0 = time.time()
+        # ---- rollouts: this rank's prompts x G completions, scored
+        kept, dropped, generated = [], [], []
+        raw.eval()
+        with fsdp_gathered(raw):  # one gather for all sampling rounds (ranks may do different numbers)
+            for _ in range(max_sampling_rounds if dynamic_sampling else 1):
+                batch = rollout(next_prompts(local_prompts))
+                generated.append(batch)
+                if dynamic_sampling:  # a group whose rewards are all equal has zero advantage: no signal
+                    alive = batch["rewards"].view(-1, G).std(1) > 0
+                else:
+                    alive = torch.ones(local_prompts, dtype=torch.bool)
+                for g_i in range(local_prompts):
+                    rows = list(range(g_i * G, (g_i + 1) * G))
+                    (kept if alive[g_i] else dropped).append(select(batch, rows))
+                if len(kept) >= local_prompts:
+                    break
+        raw.train()
+        # fill up with dropped groups at zero weight: every rank runs the same number of micro-batches (DDP)
+        groups = kept[:local_prompts] + dropped[:max(0, local_prompts - len(kept))]
+        n_kept = min(len(kept), local_prompts)
+        batch = concat(groups)
+        allgen = concat(generated)
+        t_gen = time.time() - t0
+        gen_tokens = int(allgen["lengths"].sum())
+
+        # ---- advantages (per group, on this rank), loss mask, normaliser over the whole step
+        t1 = time.time()
+        adv = group_advantages(batch["rewards"], G, scale_rewards, epsilon_std).to(device)
+        N = int(batch["lengths"].max())
+        lengths = batch["lengths"]
+        weight = torch.tensor([1.0] * (n_kept * G) + [0.0] * ((len(groups) - n_kept) * G), device=device)
+        mask = (torch.arange(N, device=device)[None] < lengths[:, None]).float() * weight[:, None]
+        tokens, gen_logp = batch["tokens"][:, :N], batch["logprobs"][:, :N]
+        denom = loss_denominator(mask, loss_type, max_new_tokens).to(torch.float64)
+        if ddp:
+            dist.all_reduce(denom)
+        denom = denom.item()
+        B = tokens.shape[0]
+        micro = [slice(i, min(i + micro_batch_size, B)) for i in range(0, B, micro_batch_size)]
+        ref_logp = [None] * len(micro)
+        if beta > 0:
+            with torch.no_grad(), autocast:
+                if lora is not None:
+                    with lora_disabled(raw):
+                        ref_logp = [completion_logprobs(model, batch["prompts"][s], tokens[s], lengths[s], temperature) for s in micro]
+                else:
+                    ref_logp = [completion_logprobs(ref_model, batch["prompts"][s], tokens[s], lengths[s], temperature) for s in micro]
+
+        # ---- num_iterations optimizer steps on this rollout batch
+        # sums over this step's passes and tokens: loss, kl, clipped tokens, tokens, |logp - generate's logp| (first pass)
+        stats = dict(loss=0.0, kl=0.0, clipped=0.0, tokens=0.0, logp_diff=0.0)
+        grad_norm = torch.zeros(())
+        passes = 0
+        for it in range(num_iterations):
+            if denom == 0:
+                break  # every group on every rank was dropped: nothing to learn from this batch
+            for g in optimizer.param_groups:
+                g["lr"] = lr_at(opt_step, total_opt_steps, lr, warmup_steps, min_lr, lr_schedule)
+            for i, s in enumerate(micro):
+                with grad_sync(i == len(micro) - 1), autocast:
+                    logp = completion_logprobs(model, batch["prompts"][s], tokens[s], lengths[s], temperature)
+                    # mu = 1: on-policy, the ratio is exactly 1. mu > 1: pi_old is the sampling policy, whose
+                    # log-probs generate recorded (they equal a training forward's; tests/test_grpo.py checks)
+                    old = None if num_iterations == 1 else gen_logp[s]
+                    per_tok, is_clipped, kl = grpo_token_loss(logp, old, adv[s], ref_logp[i], beta, epsilon, epsilon_high)
+                    num = loss_numerator(per_tok, mask[s], loss_type)
+                # DDP and FSDP average gradients over ranks: times world_size gives grad(sum of numerators) / denom
+                (num * (world_size / denom)).backward()
+                m = mask[s]
+                stats["loss"] += num.item() / denom
+                stats["kl"] += (kl * m).sum().item() if kl is not None else 0.0
+                stats["clipped"] += (is_clipped.float() * m).sum().item()
+                stats["tokens"] += m.sum().item()
+                if it == 0:
+                    stats["logp_diff"] += ((logp.detach().float() - gen_logp[s]).abs() * m).sum().item()
+            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                                       grad_clip if grad_clip > 0 else float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if cfg.n_experts:
+                raw.update_moe_bias()
+            opt_step += 1
+            passes += 1
+        if ddp:
+            t = torch.tensor(list(stats.values()), device=device, dtype=torch.float64)
+            dist.all_reduce(t)
+            stats = dict(zip(stats, t.tolist()))
+        updated = passes > 0
+        passes = max(passes, 1)
+        n_tok = max(stats["tokens"], 1.0)
+        loss = stats["loss"] / passes  # the mean of the passes' step losses
+        if not math.isfinite(loss):
+            fail(f"non-finite loss ({loss}) at step {step}; no checkpoint was saved. Try a lower --lr (now {lr}).")
+        t_train = time.time() - t1
+        # tokens through the training forward/backward this step (all passes)
+        train_tokens = (sum(len(p) for p in batch["prompts"]) + int(lengths.sum())) * num_iterations if updated else 0
+
+        # ---- logging (rank 0's share of the rollouts for the reward statistics; losses over all ranks)
+        if step % log_interval == 0 or step == max_steps:
+            r = allgen["rewards"]
+            parts = [f"step {step}/{max_steps}", f"loss {loss:.4f}", f"lr {optimizer.param_groups[0]['lr']:.2e}",
+                     f"grad_norm {float(getattr(grad_norm, 'full_tensor', lambda: grad_norm)()):.2f}",
+                     f"tok/s {train_tokens / max(t_train, 1e-9):,.0f}",
+                     f"gen tok/s {gen_tokens / max(t_gen, 1e-9):,.0f}",
+                     f"reward {r.mean():.3f}±{r.std():.3f}"]
+            names = list(reward_funcs) + (["rm"] if rm is not None else [])
+            parts += [f"{n} {v:.3f}" for n, v in zip(names, allgen["per_func"].mean(0).tolist())]
+            valid = allgen["lengths"].float()
+            # entropy: the mean -log pi of the sampled tokens (at the sampling temperature), a Monte Carlo
+            # estimate of the per-token entropy that costs nothing (the fused training loss has no logits)
+            gen_mask = torch.arange(max_new_tokens, device=device)[None] < allgen["lengths"][:, None]
+            entropy = (-(allgen["logprobs"] * gen_mask).sum() / gen_mask.sum()).item()
+            parts += [f"acc {allgen['correct'].mean():.3f}", f"kl {stats['kl'] / n_tok:.4f}",
+                      f"clip {stats['clipped'] / n_tok:.3f}", f"entropy {entropy:.3f}", f"len {valid.mean():.1f}",
+                      f"logp_diff {stats['logp_diff'] / n_tok * passes:.1e}"]
+            if dynamic_sampling:
+                parts.append(f"kept {n_kept}/{local_prompts} groups in {len(generated)} rounds")
+            if not updated:
+                parts.append("no update: every group's rewards were all equal")
+            eta = (time.time() - t_start) / step * (max_steps - step)
+            parts.append(f"eta {int(eta // 60)}m{int(eta % 60):02d}s")
+            log(" | ".join(parts))
+            for ex, text in list(zip(allgen["examples"], allgen["texts"]))[:eval_samples]:
+                log(f"  {ex['prompt'][:80]!r} -> {text[:120]!r} (answer {ex['answer']!r})")
+            if wandb_log and master:
+                wandb.log({"step": step, "train/loss": loss, "train/reward": r.mean().item(), "train/reward_std": r.std().item(),
+                           **{f"train/reward_{n}": v for n, v in zip(names, allgen["per_func"].mean(0).tolist())},
+                           "train/accuracy": allgen["correct"].mean().item(), "train/kl": stats["kl"] / n_tok,
+                           "train/clip_frac": stats["clipped"] / n_tok, "train/entropy": entropy,
+                           "train/completion_len": valid.mean().item(), "lr": optimizer.param_groups[0]["lr"],
+                           "gen_tok/s": gen_tokens / max(t_gen, 1e-9), "train_tok/s": train_tokens / max(t_train, 1e-9)})
+        if (eval_interval and step % eval_interval == 0) or step == max_steps:
+            ev = evaluate()
+            report(step, ev)
+
+    # -------------------------------------------------------------------------
+    # save: a full checkpoint, with LoRA adapters merged (every rank calls checkpoint_dict: a collective under FSDP)
+    extra = dict(step=max_steps, config=config, init_from=init_from, accuracy=ev[0], accuracy_before=ev0[0],
+                 accuracy_per_task=ev[1])
+    path = os.path.join(out_dir, "ckpt.pt")
+    if lora is None:
+        state = checkpoint_dict(model, tok.name, **extra)  # a collective under FSDP: every rank calls it
+    else:
+        full = model_state_dict(model)  # likewise; under FSDP only rank 0 receives the weights
+        if master:  # rebuild on the CPU, whatever the parallelism was, and fold the adapters in
+            export = Transformer(cfg)
+            apply_lora(export, **lora)
+            export.load_state_dict(full)
+            state = checkpoint_dict(merge_lora(export), tok.name, **extra, merged_lora=lora)
+    if master:
+        save_checkpoint(path, state)
+        log(f"saved {path}")
+    log(f"held-out accuracy: {ev0[0]:.1%} before GRPO -> {ev[0]:.1%} after ({time.time() - t_start:.0f}s)")
+    for t in task_names if len(task_names) > 1 else []:
+        log(f"  {t:8s} {ev0[1][t]:6.1%} -> {ev[1][t]:6.1%}")
+    if ddp:
+        dist.destroy_process_group()
