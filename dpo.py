@@ -189,7 +189,6 @@ def main():
     import torch.distributed as dist
 
     from data import tasks
-    from data.chat import render_prompt
     from data.preference import (as_pairs, encode_records, load_preferences, pad_batch, sampled_task_pairs, split_off,
                                  task_pairs as make_task_pairs)
     from data.tokenizer import get_tokenizer
@@ -385,25 +384,12 @@ def main():
         model.train()
         return summarise(total)
 
-    @torch.no_grad()
     def task_accuracy():
-        """Greedy exact match on held-out task questions; every rank runs the same generation (FSDP needs
-        all ranks in each forward)."""
+        """Greedy exact match on held-out task questions, split over ranks."""
         if not test_examples:
             return None
-        raw.eval()
-        prompts = [render_prompt(tasks.to_messages(ex), tok) for ex in test_examples]
-        budget = min(eval_max_new_tokens, cfg.max_seq_len - max(map(len, prompts)))
-        correct = {}
         with autocast:
-            for i in range(0, len(prompts), 128):
-                g = raw.generate(prompts[i:i + 128], budget, temperature=0.0, stop_tokens=(tok.im_end_id,),
-                                 pad_id=tok.pad_id)
-                for ex, toks, n in zip(test_examples[i:i + 128], g["tokens"].tolist(), g["lengths"].tolist()):
-                    reply = tok.decode([t for t in toks[:n] if t != tok.im_end_id])
-                    correct.setdefault(ex["task"], []).append(tasks.is_correct(ex, reply))
-        raw.train()
-        return sum(map(sum, correct.values())) / len(test_examples), {t: sum(c) / len(c) for t, c in correct.items()}
+            return tasks.exact_match(raw, tok, test_examples, eval_max_new_tokens, rank=rank, world_size=world)
 
     def fmt_acc(a):
         return f"{a[0]:.3f} ({', '.join(f'{t} {v:.2f}' for t, v in a[1].items())})"

@@ -387,25 +387,11 @@ if __name__ == "__main__":
     def decode(tokens, lengths):
         return [tok.decode([t for t in row[:n] if t != tok.im_end_id]) for row, n in zip(tokens.tolist(), lengths.tolist())]
 
-    @torch.no_grad()
     def evaluate():
         """Greedy exact-answer accuracy on the held-out questions, overall and per task, split over ranks."""
-        raw.eval()
-        mine = test_examples[rank::world_size]
-        counts = torch.zeros(2, len(task_names), device=device, dtype=torch.float64)  # correct, total
-        with fsdp_gathered(raw), autocast:
-            for i in range(0, len(mine), eval_batch_size):
-                batch = mine[i:i + eval_batch_size]
-                g = raw.generate([prompt_ids(ex) for ex in batch], max_new_tokens, temperature=0.0,
-                                 stop_tokens=stop, pad_id=tok.pad_id)
-                for ex, c in zip(batch, decode(g["tokens"], g["lengths"])):
-                    counts[0, task_names.index(ex["task"])] += is_correct(ex, c)
-                    counts[1, task_names.index(ex["task"])] += 1
-        if ddp:
-            dist.all_reduce(counts)
-        raw.train()
-        per_task = {t: (counts[0, j] / counts[1, j].clamp(min=1)).item() for j, t in enumerate(task_names)}
-        return (counts[0].sum() / counts[1].sum().clamp(min=1)).item(), per_task
+        with autocast:
+            return tasks.exact_match(raw, tok, test_examples, max_new_tokens, eval_batch_size, system_prompt or None,
+                                     rank=rank, world_size=world_size, score=is_correct)
 
     def report(step, ev):
         per_task = " ".join(f"{t} {a:.0%}" for t, a in ev[1].items()) if len(ev[1]) > 1 else ""

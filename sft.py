@@ -213,16 +213,8 @@ def evaluate():
     gen_kw = dict(stop_tokens=(tok.im_end_id,), pad_id=tok.pad_id)
     with fsdp_gathered(raw), autocast:
         if test_examples:
-            prompts = [render_prompt(tasks.to_messages(ex), tok) for ex in test_examples]
-            budget = min(eval_max_new_tokens, cfg.max_seq_len - max(map(len, prompts)))
-            correct = {}
-            for i in range(0, len(prompts), 128):
-                g = raw.generate(prompts[i:i + 128], budget, temperature=0.0, **gen_kw)
-                for ex, toks, L in zip(test_examples[i:i + 128], g["tokens"].tolist(), g["lengths"].tolist()):
-                    reply = tok.decode([t for t in toks[:L] if t != tok.im_end_id])
-                    correct.setdefault(ex["task"], []).append(tasks.is_correct(ex, reply))
-            out["accuracy"] = sum(map(sum, correct.values())) / len(test_examples)
-            out["accuracy_per_task"] = {t: sum(c) / len(c) for t, c in correct.items()}
+            out["accuracy"], out["accuracy_per_task"] = tasks.exact_match(
+                raw, tok, test_examples, eval_max_new_tokens, rank=rank, world_size=world_size)
         samples = []
         for msgs in val_convs[:eval_samples]:
             first = next(j for j, m in enumerate(msgs) if m["role"] == "assistant")

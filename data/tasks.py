@@ -115,3 +115,36 @@ def wrong_answer(example, rng):
         if cand != ans:
             return cand
     raise ValueError(f"could not make a wrong answer for {example}")
+
+
+def exact_match(model, tokenizer, examples, max_new_tokens=32, batch_size=128, system=None, rank=0, world_size=1,
+                score=None):
+    """Greedy exact-match accuracy of a (unwrapped) Transformer on task examples: (overall, {task: acc}).
+    The reply is generated from the chat prompt and stops at <|im_end|>. With world_size > 1 each rank
+    answers examples[rank::world_size] and the counts are summed over ranks (every rank must call this).
+    score(example, reply) -> bool defaults to is_correct (GSM8K passes its own #### check)."""
+    import torch
+    from data.chat import render_prompt
+    from model import fsdp_gathered
+    score = score or is_correct
+    names = sorted({ex["task"] for ex in examples})
+    device = next(model.parameters()).device
+    counts = torch.zeros(2, len(names), dtype=torch.float64, device=device)  # correct, total per task
+    mine = examples[rank::world_size]
+    prompts = [render_prompt(to_messages(ex, system), tokenizer) for ex in mine]
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), fsdp_gathered(model):
+        for i in range(0, len(mine), batch_size):
+            budget = min(max_new_tokens, model.config.max_seq_len - max(map(len, prompts[i:i + batch_size])))
+            out = model.generate(prompts[i:i + batch_size], budget, temperature=0.0,
+                                 stop_tokens=(tokenizer.im_end_id,), pad_id=tokenizer.pad_id)
+            for ex, toks, n in zip(mine[i:i + batch_size], out["tokens"].tolist(), out["lengths"].tolist()):
+                reply = tokenizer.decode([t for t in toks[:n] if t != tokenizer.im_end_id])
+                counts[0, names.index(ex["task"])] += score(ex, reply)
+                counts[1, names.index(ex["task"])] += 1
+    model.train(was_training)
+    if world_size > 1:
+        torch.distributed.all_reduce(counts)
+    per_task = {t: (counts[0, j] / counts[1, j].clamp(min=1)).item() for j, t in enumerate(names)}
+    return (counts[0].sum() / counts[1].sum().clamp(min=1)).item(), per_task
