@@ -55,7 +55,7 @@ max_seq_len = 256          # 0 = the model's max_seq_len; longer conversations a
 # batch: global batch = batch_size * grad_accum * world_size (rows when packing, else conversations)
 batch_size = 8
 grad_accum = 1
-max_steps = 300
+max_steps = 1200
 # optimizer
 lr = 2e-3                  # high for a tiny model; ~1e-5 to 2e-5 full fine-tuning at scale, ~10x that for LoRA
 min_lr = 2e-4
@@ -76,7 +76,7 @@ merge_lora_on_save = False # save a full checkpoint with the adapters merged ins
 # NEFTune: uniform noise of scale neftune_alpha / sqrt(T * d) on the input embeddings, training only (5-15 typical)
 neftune_alpha = 0.0
 # eval
-eval_interval = 100        # 0 = only before and after training
+eval_interval = 300        # 0 = only before and after training
 eval_accuracy_size = 250   # tasks: held-out questions scored by exact match (greedy generation)
 eval_samples = 3           # sampled replies printed at each eval
 eval_max_new_tokens = 32
