@@ -7,6 +7,11 @@ import sys
 import pytest
 import torch
 
+# Without CUDA the Triton kernels run in Triton's CPU interpreter. triton.jit reads this when kernels.py
+# is imported, so it is set here, before any test module imports model.py or kernels.py.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
