@@ -192,8 +192,9 @@ def main():
     from data.preference import (as_pairs, encode_records, load_preferences, pad_batch, sampled_task_pairs, split_off,
                                  task_pairs as make_task_pairs)
     from data.tokenizer import get_tokenizer
-    from model import (ModelConfig, Transformer, apply_lora, checkpoint_dict, configure_optimizer, load_checkpoint,
-                       lora_disabled, lr_at, merge_lora, model_state_dict, parallelize, save_checkpoint)
+    from model import (ModelConfig, Transformer, apply_lora, check_replicas_identical, checkpoint_dict,
+                       configure_optimizer, load_checkpoint, lora_disabled, lr_at, merge_lora, model_state_dict,
+                       parallelize, save_checkpoint)
 
     if loss_type not in _LOSS_TYPES:
         raise SystemExit(f"loss_type={loss_type!r}: choose one of {', '.join(_LOSS_TYPES)}")
@@ -466,6 +467,9 @@ def main():
     acc_after = task_accuracy()
     if acc_after:
         log(f"step {steps}: task exact-match {fmt_acc(acc_after)}")
+
+    if ddp and parallel == "ddp":
+        log(f"parameters identical on all {check_replicas_identical(model)} ranks")
 
     # save: a plain language model (LoRA merged) -------------------------------------------------
     state = model_state_dict(model)  # every rank joins the gather under FSDP

@@ -245,9 +245,9 @@ if __name__ == "__main__":
     from data.chat import render_prompt
     from data.rewards import get_reward_funcs, is_correct, load_gsm8k
     from data.tokenizer import get_tokenizer
-    from model import (RewardModel, Transformer, apply_lora, checkpoint_dict, configure_optimizer, load_checkpoint,
-                       fsdp_gathered, lora_disabled, lora_modules, lr_at, merge_lora, model_from_checkpoint, model_state_dict,
-                       parallelize, save_checkpoint, unwrap)
+    from model import (RewardModel, Transformer, apply_lora, check_replicas_identical, checkpoint_dict,
+                       configure_optimizer, fsdp_gathered, load_checkpoint, lora_disabled, lora_modules, lr_at,
+                       merge_lora, model_from_checkpoint, model_state_dict, parallelize, save_checkpoint, unwrap)
 
     def fail(msg):
         raise SystemExit(f"grpo: {msg}")
@@ -583,6 +583,9 @@ if __name__ == "__main__":
         if (eval_interval and step % eval_interval == 0) or step == max_steps:
             ev = evaluate()
             report(step, ev)
+
+    if ddp and parallel == "ddp":
+        log(f"parameters identical on all {check_replicas_identical(model)} ranks")
 
     # -------------------------------------------------------------------------
     # save: a full checkpoint, with LoRA adapters merged (every rank calls checkpoint_dict: a collective under FSDP)

@@ -858,3 +858,16 @@ def load_optimizer_state(model, optimizer, state):
                               if torch.is_tensor(v) and v.shape == params[i].shape else v for k, v in s.items()}
                           for i, s in state["state"].items()}
     optimizer.load_state_dict(state)
+
+
+def check_replicas_identical(model):
+    """Under DDP: raise unless every rank holds exactly the same parameters. Replicas drift apart when a
+    training forward bypasses the DDP wrapper (e.g. calling model.module), which skips gradient sync.
+    A collective: call it on every rank. Returns the number of ranks compared."""
+    sums = torch.stack([p.detach().double().sum() for p in unwrap(model).parameters()])
+    gathered = [torch.empty_like(sums) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(gathered, sums)
+    if not all(torch.equal(g, sums) for g in gathered):
+        raise RuntimeError(f"DDP replicas diverged: parameters differ on rank {torch.distributed.get_rank()}; "
+                           f"gradients were not synchronised (does every training forward go through the wrapper?)")
+    return len(gathered)

@@ -25,8 +25,8 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
-from model import (ModelConfig, Transformer, checkpoint_dict, configure_optimizer, load_checkpoint,
-                   load_optimizer_state, lr_at, optimizer_state_dict, parallelize, save_checkpoint)
+from model import (ModelConfig, Transformer, check_replicas_identical, checkpoint_dict, configure_optimizer,
+                   load_checkpoint, load_optimizer_state, lr_at, optimizer_state_dict, parallelize, save_checkpoint)
 
 # -----------------------------------------------------------------------------
 # config: every global below can be set from a config file or --key=value
@@ -312,13 +312,9 @@ for step in range(start_step, last_step):
             save(done, val_loss)
 
 if ddp and parallel == "ddp":
-    # DDP keeps replicas in sync only if every training forward went through the wrapper: check it
-    checksum = torch.stack([p.detach().double().sum() for p in raw_model.parameters()])
-    gathered = [torch.zeros_like(checksum) for _ in range(world)]
-    dist.all_gather(gathered, checksum)
-    assert all(torch.equal(gathered[0], g) for g in gathered), "DDP replicas diverged: parameters differ across ranks"
+    n = check_replicas_identical(model)
     if master:
-        print(f"replicas identical across {world} ranks")
+        print(f"replicas identical across {n} ranks")
 if master:
     print(f"done: {last_step - start_step} steps in {time.time() - t_start:.0f}s")
 sample()

@@ -129,8 +129,9 @@ def main():
     from data.preference import (encode_records, load_preferences, pad_batch, sampled_task_pairs, split_off,
                                  task_pairs as make_task_pairs)
     from data.tokenizer import get_tokenizer
-    from model import (ModelConfig, RewardModel, Transformer, apply_lora, checkpoint_dict, configure_optimizer,
-                       load_checkpoint, lr_at, merge_lora, model_state_dict, parallelize, save_checkpoint)
+    from model import (ModelConfig, RewardModel, Transformer, apply_lora, check_replicas_identical, checkpoint_dict,
+                       configure_optimizer, load_checkpoint, lr_at, merge_lora, model_state_dict, parallelize,
+                       save_checkpoint)
 
     ddp = int(os.environ.get("RANK", -1)) != -1
     if ddp:
@@ -316,6 +317,9 @@ def main():
             log(f"step {done}: val {fmt(m)}")
             if wandb_log and master:
                 wandb.log({f"val/{k}": v for k, v in m.items()}, step=done)
+
+    if ddp and parallel == "ddp":
+        log(f"parameters identical on all {check_replicas_identical(model)} ranks")
 
     # save: a plain RewardModel (LoRA merged), loadable by RewardModel.from_checkpoint ---------
     state = model_state_dict(model)  # every rank joins the gather under FSDP

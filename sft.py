@@ -35,8 +35,9 @@ from data import tasks
 from data.chat import BadRecord, load_conversations, render_prompt
 from data.sft_data import collate_padded, micro_batches, tokenize_conversations
 from data.tokenizer import get_tokenizer
-from model import (Transformer, apply_lora, checkpoint_dict, configure_optimizer, fsdp_gathered, load_checkpoint, lora_modules,
-                   lr_at, merge_lora, model_from_checkpoint, model_state_dict, parallelize, save_checkpoint, unwrap)
+from model import (Transformer, apply_lora, check_replicas_identical, checkpoint_dict, configure_optimizer,
+                   fsdp_gathered, load_checkpoint, lora_modules, lr_at, merge_lora, model_from_checkpoint,
+                   model_state_dict, parallelize, save_checkpoint, unwrap)
 
 # -----------------------------------------------------------------------------
 # config
@@ -332,13 +333,7 @@ for step in range(1, max_steps + 1):
         t_log = time.time()  # eval time is not training throughput
 
 if ddp and parallel == "ddp":
-    # replicas must never drift apart (they would if a forward bypassed the DDP wrapper): compare checksums
-    sums = torch.stack([p.detach().double().sum() for p in raw.parameters()])
-    gathered = [torch.empty_like(sums) for _ in range(world_size)]
-    dist.all_gather(gathered, sums)
-    if not all(torch.equal(g, sums) for g in gathered):
-        raise SystemExit(f"sft: parameters differ across ranks (rank {rank}); gradients were not synchronised")
-    log(f"parameters identical on all {world_size} ranks")
+    log(f"parameters identical on all {check_replicas_identical(model)} ranks")
 save(max_steps, ev)
 if "accuracy" in ev:
     log(f"held-out exact match: {ev0['accuracy']:.1%} before SFT -> {ev['accuracy']:.1%} after")

@@ -140,3 +140,12 @@ def test_dpo_script_lora_with_precomputed_reference(tiny_ckpt, tmp_path):
               "--kernels=torch"]
     out = run_script(["dpo.py", *common, "--lora_r=4", "--precompute_ref_logprobs=True", "--loss_type=ipo"], timeout=300)
     assert "reference: precomputed log-probs" in out and "(LoRA r=4)" in out and "saved" in out
+
+
+def test_dpo_ddp_keeps_replicas_identical(tiny_ckpt, tmp_path):
+    # two gloo ranks: every training forward must go through the DDP wrapper or the replicas drift apart
+    out = run_script(["torchrun", "--standalone", "--nproc_per_node=2", "dpo.py", f"--init_from={tiny_ckpt}",
+                      f"--out_dir={tmp_path / 'dpo'}", "--task_pairs=32", "--task_val_pairs=8", "--sampled_pairs=0",
+                      "--eval_tasks=0", "--batch_size=4", "--max_steps=3", "--log_interval=1", "--kernels=torch"],
+                     timeout=300)
+    assert "parameters identical on all 2 ranks" in out

@@ -186,3 +186,10 @@ def test_grpo_missing_init_message(tmp_path):
     p = subprocess.run([sys.executable, "grpo.py", f"--init_from={tmp_path}/nope.pt"], capture_output=True, text=True,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert p.returncode != 0 and "not found" in p.stderr and "--init_from" in p.stderr
+
+
+def test_grpo_ddp_keeps_replicas_identical(tiny_ckpt, tmp_path):
+    # each rank samples its own prompts (groups stay within a rank); gradients must still be synchronised
+    out = run_script(["torchrun", "--standalone", "--nproc_per_node=2", "grpo.py", "configs/grpo_tiny.py",
+                      f"--init_from={tiny_ckpt}", f"--out_dir={tmp_path}"], timeout=300)
+    assert "parameters identical on all 2 ranks" in out

@@ -159,3 +159,10 @@ def test_config_files_set_known_keys(stage, cfg):
     from configs import configure
     g = dict(vars(importlib.import_module(stage)))  # the script's defaults (importing runs nothing)
     configure(g, argv=[os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), cfg)])
+
+
+def test_reward_ddp_keeps_replicas_identical(tiny_ckpt, tmp_path):
+    out = run_script(["torchrun", "--standalone", "--nproc_per_node=2", "reward.py", f"--init_from={tiny_ckpt}",
+                      f"--out_dir={tmp_path / 'rm'}", "--task_pairs=32", "--task_val_pairs=8", "--batch_size=4",
+                      "--max_steps=3", "--log_interval=1", "--eval_interval=3", "--kernels=torch"], timeout=300)
+    assert "parameters identical on all 2 ranks" in out
