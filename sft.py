@@ -252,8 +252,10 @@ def save(step, ev):
     if lora is None:
         state = checkpoint_dict(model, tok.name, **extra)  # a collective under FSDP: every rank calls it
     else:
-        full = model_state_dict(model)
-        if merge_lora_on_save:
+        full = model_state_dict(model)  # a collective under FSDP, where only rank 0 receives the weights
+        if not master:
+            state = None
+        elif merge_lora_on_save:
             # rebuild on CPU (whatever the parallelism was), fold the adapters in, save a plain model
             export = Transformer(cfg)
             apply_lora(export, **lora)

@@ -151,6 +151,11 @@ def test_lora_sft_adapter_checkpoint_round_trip_and_merged_export(tiny_ckpt, tmp
     with torch.no_grad():
         torch.testing.assert_close(merged(x)[0], adapted.eval()(x)[0], rtol=1e-4, atol=1e-4)
         assert (merged(x)[0] - base(x)[0]).abs().max() > 1e-4
+    # the same run as 2 FSDP ranks x 1 conversation: only rank 0 receives the full weights to merge and save
+    log, fsdp_path = _sft(tiny_ckpt, tmp_path, "merged_fsdp", *common, "--merge_lora_on_save=True", "--batch_size=1",
+                          "--parallel=fsdp", torchrun=True)
+    with torch.no_grad():
+        torch.testing.assert_close(model_from_checkpoint(fsdp_path)(x)[0], merged(x)[0], rtol=1e-3, atol=1e-3)
 
 
 # -----------------------------------------------------------------------------
