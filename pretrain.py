@@ -172,7 +172,11 @@ if init_from == "resume":
     start_step, best_val = ckpt["step"], ckpt["best_val_loss"]
 elif init_from != "scratch":
     raise SystemExit(f"init_from must be 'scratch' or 'resume', got {init_from!r}")
-model = Transformer(ModelConfig(**model_args)).to(device)
+try:
+    model_config = ModelConfig(**model_args)
+except AssertionError as e:  # e.g. n_embd not divisible by n_head: a config mistake, not a crash
+    raise SystemExit(f"config error: {e}")
+model = Transformer(model_config).to(device)
 if ckpt is not None:
     model.load_state_dict(ckpt["model"])
 model.activation_checkpointing = activation_checkpointing

@@ -72,6 +72,8 @@ def test_bad_config_key_and_value():
     assert "unknown key 'n_layr'" in out and "n_layer" in out and "Traceback" not in out
     out = run_failing(["pretrain.py", "--batch_size=big"])
     assert "'batch_size' (from --batch_size) expects int" in out
+    out = run_failing(["pretrain.py", "--n_embd=100", "--n_head=6"])
+    assert "config error: n_embd=100 must be divisible by n_head=6" in out and "Traceback" not in out
     out = run_failing(["pretrain.py", "configs/does_not_exist.py"])
     assert "cannot read config file configs/does_not_exist.py" in out
 
