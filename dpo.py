@@ -193,7 +193,7 @@ def main():
                                  task_pairs as make_task_pairs)
     from data.tokenizer import get_tokenizer
     from model import (ModelConfig, Transformer, apply_lora, check_replicas_identical, checkpoint_dict,
-                       configure_optimizer, load_checkpoint, lora_disabled, lr_at, merge_lora, model_state_dict,
+                       configure_optimizer, load_checkpoint, lora_disabled, lr_at, merged_model, model_state_dict,
                        parallelize, save_checkpoint)
 
     if loss_type not in _LOSS_TYPES:
@@ -474,11 +474,8 @@ def main():
     # save: a plain language model (LoRA merged) -------------------------------------------------
     state = model_state_dict(model)  # every rank joins the gather under FSDP
     if master:
-        final = Transformer(cfg)
-        if lora_r > 0:
-            apply_lora(final, targets, lora_r, lora_alpha, lora_dropout)
-        final.load_state_dict(state)
-        merge_lora(final)
+        lora = dict(targets=targets, r=lora_r, alpha=lora_alpha, dropout=lora_dropout) if lora_r > 0 else None
+        final = merged_model(state, Transformer(cfg), lora)
         path = os.path.join(out_dir, "ckpt.pt")
         extra = dict(task_accuracy_before=acc_before[0], task_accuracy_after=acc_after[0]) if acc_before else {}
         save_checkpoint(path, checkpoint_dict(final, tok_name, step=steps, config=config, val_metrics=v,

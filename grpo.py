@@ -247,7 +247,8 @@ if __name__ == "__main__":
     from data.tokenizer import get_tokenizer
     from model import (RewardModel, Transformer, apply_lora, check_replicas_identical, checkpoint_dict,
                        configure_optimizer, fsdp_gathered, load_checkpoint, lora_disabled, lora_modules, lr_at,
-                       merge_lora, model_from_checkpoint, model_state_dict, parallelize, save_checkpoint, unwrap)
+                       merge_lora, merged_model, model_from_checkpoint, model_state_dict, parallelize,
+                       save_checkpoint, unwrap)
 
     def fail(msg):
         raise SystemExit(f"grpo: {msg}")
@@ -597,10 +598,7 @@ if __name__ == "__main__":
     else:
         full = model_state_dict(model)  # likewise; under FSDP only rank 0 receives the weights
         if master:  # rebuild on the CPU, whatever the parallelism was, and fold the adapters in
-            export = Transformer(cfg)
-            apply_lora(export, **lora)
-            export.load_state_dict(full)
-            state = checkpoint_dict(merge_lora(export), tok.name, **extra, merged_lora=lora)
+            state = checkpoint_dict(merged_model(full, Transformer(cfg), lora), tok.name, **extra, merged_lora=lora)
     if master:
         save_checkpoint(path, state)
         log(f"saved {path}")

@@ -721,6 +721,17 @@ def merge_lora(model):
     return model
 
 
+
+def merged_model(state, model, lora=None):
+    """The plain model a stage exports: `model` (a fresh, unwrapped copy of the trained architecture,
+    e.g. on the CPU) given the adapters described by `lora` (apply_lora's keyword arguments, or None),
+    loaded with the full state dict `state` (as model_state_dict returns it), adapters folded in."""
+    if lora:
+        apply_lora(getattr(model, "transformer", model), **lora)  # a RewardModel adapts its transformer
+    model.load_state_dict(state)
+    return merge_lora(model)
+
+
 # -----------------------------------------------------------------------------
 # checkpoints
 

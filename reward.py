@@ -130,7 +130,7 @@ def main():
                                  task_pairs as make_task_pairs)
     from data.tokenizer import get_tokenizer
     from model import (ModelConfig, RewardModel, Transformer, apply_lora, check_replicas_identical, checkpoint_dict,
-                       configure_optimizer, load_checkpoint, lr_at, merge_lora, model_state_dict, parallelize,
+                       configure_optimizer, load_checkpoint, lr_at, merged_model, model_state_dict, parallelize,
                        save_checkpoint)
 
     ddp = int(os.environ.get("RANK", -1)) != -1
@@ -324,11 +324,8 @@ def main():
     # save: a plain RewardModel (LoRA merged), loadable by RewardModel.from_checkpoint ---------
     state = model_state_dict(model)  # every rank joins the gather under FSDP
     if master:
-        final = RewardModel(Transformer(raw.config))
-        if lora_r > 0:
-            apply_lora(final.transformer, targets, lora_r, lora_alpha, lora_dropout)
-        final.load_state_dict(state)
-        merge_lora(final)
+        lora = dict(targets=targets, r=lora_r, alpha=lora_alpha, dropout=lora_dropout) if lora_r > 0 else None
+        final = merged_model(state, RewardModel(Transformer(raw.config)), lora)
         path = os.path.join(out_dir, "ckpt.pt")
         save_checkpoint(path, checkpoint_dict(final, tok_name, step=steps, config=config, val_metrics=m,
                                               init_from=init_from))

@@ -36,7 +36,7 @@ from data.chat import BadRecord, load_conversations, render_prompt
 from data.sft_data import collate_padded, micro_batches, tokenize_conversations
 from data.tokenizer import get_tokenizer
 from model import (Transformer, apply_lora, check_replicas_identical, checkpoint_dict, configure_optimizer,
-                   fsdp_gathered, load_checkpoint, lora_modules, lr_at, merge_lora, model_from_checkpoint,
+                   fsdp_gathered, load_checkpoint, lora_modules, lr_at, merge_lora, merged_model, model_from_checkpoint,
                    model_state_dict, parallelize, save_checkpoint, unwrap)
 
 # -----------------------------------------------------------------------------
@@ -257,10 +257,7 @@ def save(step, ev):
             state = None
         elif merge_lora_on_save:
             # rebuild on CPU (whatever the parallelism was), fold the adapters in, save a plain model
-            export = Transformer(cfg)
-            apply_lora(export, **lora)
-            export.load_state_dict(full)
-            state = checkpoint_dict(merge_lora(export), tok.name, **extra, merged_lora=lora)
+            state = checkpoint_dict(merged_model(full, Transformer(cfg), lora), tok.name, **extra, merged_lora=lora)
         else:
             state = dict(model_config=asdict(cfg), tokenizer=tok.name, base_checkpoint=init_from, lora=lora,
                          lora_state={k: v for k, v in full.items() if "lora_" in k}, **extra)
