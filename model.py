@@ -625,6 +625,17 @@ class RewardModel(nn.Module):
         return torch.cat(out) if out else torch.zeros(0, device=device)
 
 
+
+# dense bf16 peak FLOP/s of one device (vendor spec sheets, without sparsity), for MFU
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12,
+                   "A800": 312e12, "L40S": 362e12, "4090": 165e12}
+
+
+def device_peak_flops(device_name):
+    """The dense bf16 peak of a device named like torch.cuda.get_device_name(), or None if unknown."""
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in device_name), None)
+
+
 # -----------------------------------------------------------------------------
 # LoRA: h = W0 x + (alpha / r) * B A x, A random, B zero, W0 frozen
 

@@ -16,6 +16,7 @@ seeded permutation, so the data order is a function of the step alone: resuming 
 checkpoint replays exactly the batches the uninterrupted run would have seen.
 """
 
+import json
 import math
 import os
 import resource
@@ -26,14 +27,15 @@ import torch
 import torch.distributed as dist
 
 from model import (ModelConfig, Transformer, check_replicas_identical, checkpoint_dict, configure_optimizer,
-                   load_checkpoint, load_optimizer_state, lr_at, optimizer_state_dict, parallelize, save_checkpoint)
+                   device_peak_flops, load_checkpoint, load_optimizer_state, lr_at, optimizer_state_dict, parallelize,
+                   save_checkpoint)
 
 # -----------------------------------------------------------------------------
 # config: every global below can be set from a config file or --key=value
 out_dir = "out/pretrain"
 init_from = "scratch"      # "scratch" or "resume" (from out_dir/ckpt.pt)
 data = "embedded"          # "embedded" or a directory with train.bin / val.bin from data/prepare.py
-tokenizer = "default"      # used to prepare the embedded corpus and to decode samples
+tokenizer = "default"      # for the embedded corpus; a prepared data dir names its own in meta.json
 seed = 1337
 # model
 n_layer = 4
@@ -79,7 +81,7 @@ peak_flops = None          # dense bf16 FLOP/s of one device for MFU; None: look
 log_interval = 25
 eval_interval = 100
 eval_iters = 20
-ckpt_interval = 100
+ckpt_interval = 100        # 0: never save (benchmarks)
 sample_prompts = ("def ", "import ", "class ")
 sample_tokens = 64
 wandb_log = False
@@ -123,8 +125,13 @@ for split in ("train", "val"):
                          f"or set data='embedded'")
 train_tokens, val_tokens = load_tokens(os.path.join(data_dir, "train.bin")), load_tokens(os.path.join(data_dir, "val.bin"))
 vocab_size = read_header(os.path.join(data_dir, "train.bin"))[1]
-tok = get_tokenizer(tokenizer)
-assert tok.vocab_size == vocab_size, f"{data_dir} was tokenised with vocab {vocab_size}, tokenizer {tokenizer!r} has {tok.vocab_size}"
+meta_path = os.path.join(data_dir, "meta.json")
+if os.path.exists(meta_path):  # the tokenizer the data was made with (None: synthetic tokens, no samples)
+    with open(meta_path) as f:
+        tokenizer = json.load(f).get("tokenizer")
+tok = get_tokenizer(tokenizer) if tokenizer else None
+if tok is not None and tok.vocab_size != vocab_size:
+    raise SystemExit(f"{data_dir} has vocab_size {vocab_size} but tokenizer {tokenizer!r} has {tok.vocab_size}")
 
 n_windows = (len(train_tokens) - 1) // seq_len
 assert n_windows >= batch_size, f"{data_dir}/train.bin has only {len(train_tokens)} tokens: too few for seq_len={seq_len}"
@@ -194,9 +201,7 @@ if ckpt is not None:
 train_model = torch.compile(model) if compile else model  # forward through this; set sync flags on model
 
 if peak_flops is None and device.type == "cuda":
-    name = torch.cuda.get_device_name(device)
-    peak_flops = next((v for k, v in {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12,
-                                      "A800": 312e12, "L40S": 362e12, "4090": 165e12}.items() if k in name), None)
+    peak_flops = device_peak_flops(torch.cuda.get_device_name(device))
 tokens_per_step = batch_size * seq_len * grad_accum * world
 if master:
     print(f"model: {n_params / 1e6:.2f}M params ({n_active / 1e6:.2f}M active, "
@@ -225,6 +230,8 @@ def evaluate():
 
 def sample():
     # every rank runs this: under FSDP each layer's forward all-gathers its shards
+    if tok is None or not sample_prompts:
+        return
     raw_model.eval()
     prompts = [tok.encode(p) for p in sample_prompts]
     n_new = min(sample_tokens, seq_len - max(map(len, prompts)))
@@ -280,7 +287,8 @@ for step in range(start_step, last_step):
     tokens_since_log += tokens_per_step
     done = step + 1
 
-    if done % log_interval == 0 or done == last_step or done % eval_interval == 0 or done % ckpt_interval == 0:
+    saving = ckpt_interval > 0 and (done % ckpt_interval == 0 or done == last_step)
+    if done % log_interval == 0 or done == last_step or done % eval_interval == 0 or saving:
         if ddp:
             dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
         bad = int(nonfinite_step)
@@ -312,7 +320,7 @@ for step in range(start_step, last_step):
                 if wandb_log:
                     wandb.log({"val_loss": val_loss}, step=done)
             best_val = min(best_val, val_loss)
-        if done % ckpt_interval == 0 or done == last_step:
+        if saving:
             save(done, val_loss)
 
 if ddp and parallel == "ddp":

@@ -13,11 +13,7 @@ CPU/interpreter numbers would mean nothing.
 """
 
 import argparse
-import datetime
-import json
 import os
-import re
-import subprocess
 import sys
 import traceback
 
@@ -26,6 +22,7 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from bench.report import matmul_ceiling, require_cuda, run_metadata, write_report  # noqa: E402
 
 
 def parse_args():
@@ -114,14 +111,6 @@ def copy_bandwidth():
     y = torch.empty_like(x)
     ms = bench_ms(lambda: y.copy_(x))
     return {"bytes_per_buffer": n, "ms": ms, "gbps": 2 * n / (ms * 1e-3) / 1e9}
-
-
-def matmul_ceiling():
-    n = 8192
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    ms = bench_ms(lambda: a @ b)
-    return {"shape": [n, n, n], "ms": ms, "tflops": 2 * n ** 3 / (ms * 1e-3) / 1e12}
 
 
 # -----------------------------------------------------------------------------
@@ -320,9 +309,7 @@ def bench_linear_cross_entropy(K, quick, out):
 
 def main():
     args = parse_args()
-    if not torch.cuda.is_available():
-        print("bench_kernels.py needs a CUDA GPU; none found. Refusing to produce CPU numbers.", file=sys.stderr)
-        sys.exit(2)
+    require_cuda("bench_kernels.py")
     try:
         import triton
     except ImportError:
@@ -336,22 +323,8 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = True
     torch._dynamo.config.cache_size_limit = 64  # one compiled graph per shape and op
 
-    device_name = torch.cuda.get_device_name()
-    try:
-        commit = subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True).strip()
-        dirty = bool(subprocess.check_output(["git", "status", "--porcelain"], cwd=ROOT, text=True).strip())
-    except Exception:  # noqa: BLE001
-        commit, dirty = "unknown", None
-    now = datetime.datetime.now()
     report = {
-        "device": device_name,
-        "capability": list(torch.cuda.get_device_capability()),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "git_commit": commit,
-        "git_dirty": dirty,
-        "date": now.isoformat(timespec="seconds"),
+        **run_metadata(),
         "quick": args.quick,
         "notes": {
             "timing": "triton.testing.do_bench median, ms; fwd timed under torch.no_grad()",
@@ -361,10 +334,11 @@ def main():
             "peak_mem": "max_memory_allocated during one fwd+bwd minus memory allocated before it (inputs)",
         },
     }
-    print(f"device {device_name}, torch {torch.__version__}, triton {triton.__version__}, commit {commit}", flush=True)
+    print(f"device {report['device']}, torch {torch.__version__}, triton {triton.__version__}, "
+          f"commit {report['git_commit']}", flush=True)
     report["copy_bandwidth"] = copy_bandwidth()
     print(f"copy bandwidth: {report['copy_bandwidth']['gbps']:.0f} GB/s", flush=True)
-    report["bf16_matmul"] = matmul_ceiling()
+    report["bf16_matmul"] = {"shape": [8192, 8192, 8192], "tflops": matmul_ceiling() / 1e12}
     print(f"bf16 matmul 8192^3: {report['bf16_matmul']['tflops']:.0f} TFLOP/s", flush=True)
 
     benches = {
@@ -380,12 +354,7 @@ def main():
         benches[op.strip()](K, args.quick, results)
     report["results"] = results
 
-    slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
-    path = args.out or os.path.join(ROOT, "bench", "results", f"kernels_{slug}_{now.strftime('%Y%m%d-%H%M%S')}.json")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(report, f, indent=2)
-    print(f"wrote {path}")
+    write_report("kernels", report, args.out)
 
 
 if __name__ == "__main__":

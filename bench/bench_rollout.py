@@ -17,10 +17,8 @@ Needs a CUDA GPU (exits with status 2 otherwise).
 """
 
 import argparse
-import json
 import os
 import platform
-import subprocess
 import sys
 import time
 
@@ -30,6 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import model as M  # noqa: E402
+from bench.report import require_cuda, run_metadata, write_report  # noqa: E402
 
 MODELS = {
     # GPT-2 small shape (124M with the 50304 vocab, tied embeddings)
@@ -63,13 +62,6 @@ def compile_decode_step(model):
 
     model._step = step  # an instance attribute shadows the method for this model only
     M.KVCache = StaticKVCache
-
-
-def git_commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip() or None
-    except OSError:
-        return None
 
 
 def bench_one(name, cfg_kw, G, n_prompts, prompt_len, new_tokens, compiled, repeats, seed=0):
@@ -132,12 +124,9 @@ def main():
     ap.add_argument("--new_tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--modes", default="eager,compiled")
-    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
+    ap.add_argument("--out", default=None, help="output JSON path (default: bench/results/rollout_<device>_<date>.json)")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("bench_rollout.py measures GPU rollout throughput and needs CUDA; no CUDA device is visible "
-              f"(torch {torch.__version__}). Run it on a machine with an NVIDIA GPU.", file=sys.stderr)
-        sys.exit(2)
+    require_cuda("bench_rollout.py")
     unknown = [m for m in args.models.split(",") if m not in MODELS]
     if unknown:
         sys.exit(f"unknown model(s) {unknown}: choose from {list(MODELS)}")
@@ -154,14 +143,9 @@ def main():
                       f"{mode:8s} | {r['tokens_per_s']:10,.0f} tok/s | {r['ms_per_decode_step']:6.2f} ms/step | "
                       f"warm-up {r['warmup_seconds']:.1f}s | peak {r['peak_memory_gib']:.1f} GiB{extra}", flush=True)
 
-    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, cuda=torch.version.cuda,
-                python=platform.python_version(), git_commit=git_commit(), time=time.strftime("%Y-%m-%d %H:%M:%S"),
+    meta = dict(run_metadata(), python=platform.python_version(),
                 sampling=dict(temperature=1.0, top_p=0.95, dtype="bf16 autocast", stop_tokens=None))
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"rollout_{time.strftime('%Y%m%d_%H%M%S')}.json")
-    with open(path, "w") as f:
-        json.dump(dict(meta=meta, results=results), f, indent=2)
-    print(f"wrote {path}")
+    write_report("rollout", dict(meta=meta, results=results), args.out)
 
 
 if __name__ == "__main__":
