@@ -357,9 +357,10 @@ class Transformer(nn.Module):
             x = x / temperature  # (x / t) @ W^T == logits / t
         x, targets = x.reshape(B * T, -1), targets.reshape(B * T)
         # Post-training batches are mostly ignored positions (prompts, padding): run the head only on
-        # the rows that have a target. (Costs one host sync; pretraining rows are all targets.)
+        # the rows that have a target. That needs one host sync, so not under torch.compile, where a
+        # data-dependent shape would break the graph (the loss ignores those rows either way).
         keep = targets != -100
-        sparse = not bool(keep.all())
+        sparse = not torch.compiler.is_compiling() and not bool(keep.all())
         rows = keep.nonzero().squeeze(1) if sparse else None
         loss = kernels.linear_cross_entropy(
             x[rows] if sparse else x, self.lm_head.weight, targets[rows] if sparse else targets, ignore_index=-100,
