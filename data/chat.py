@@ -141,59 +141,20 @@ def validate_messages(messages):
         raise BadRecord("the conversation has no assistant turn, so nothing to train on")
 
 
-def _local_files(source):
-    """The local data files named by source (a path, a directory, a glob, or a comma-separated list), or None
-    when source is not local (then it is a hub dataset name)."""
-    import glob
-    import os
-    files = []
-    for part in [s.strip() for s in source.split(",") if s.strip()]:
-        if os.path.isdir(part):
-            files += sorted(f for ext in ("json", "jsonl", "parquet") for f in glob.glob(os.path.join(part, f"*.{ext}")))
-        elif any(c in part for c in "*?["):
-            files += sorted(glob.glob(part))
-        elif os.path.exists(part) or part.endswith((".json", ".jsonl", ".parquet")):
-            if not os.path.exists(part):
-                raise FileNotFoundError(f"data file {part} does not exist")
-            files.append(part)
-        else:
-            return None
-    if not files:
-        raise FileNotFoundError(f"no .json/.jsonl/.parquet files found for {source!r}")
-    return files
-
-
 def load_conversations(source, split="train", skip_bad=False, log=print):
     """Conversations (lists of messages) from local json/jsonl/parquet files or a hub dataset, read through
     `datasets`. A malformed record stops with an error naming the file and the record's 0-based index
     (its line in a jsonl file); with skip_bad it is skipped and the number skipped is logged."""
-    import datasets
-    datasets.disable_progress_bars()
-    files = _local_files(source)
-    parts = []
-    if files is None:
-        try:
-            parts.append((source, datasets.load_dataset(source, split=split)))
-        except Exception as e:
-            raise RuntimeError(f"could not load dataset {source!r} (split {split!r}) from the hub: {e}. "
-                               f"For local data pass a path to .json/.jsonl/.parquet files.") from e
-    for f in files or []:
-        builder = "parquet" if f.endswith(".parquet") else "json"
-        try:
-            parts.append((f, datasets.load_dataset(builder, data_files=f, split="train")))
-        except Exception as e:
-            raise BadRecord(f"{f}: could not be read as {builder} records ({type(e).__name__}: {e}); "
-                            f"{FORMATS_HELP}") from e
+    from data.records import iter_records
     convs, n_bad = [], 0
-    for where, ds in parts:
-        for i, record in enumerate(ds):
-            try:
-                convs.append(to_chat_messages(record))
-            except BadRecord as e:
-                if not skip_bad:
-                    raise BadRecord(f"{where}: record {i}: {e}. Fix or remove the record, "
-                                    f"or set skip_bad=True to skip malformed records") from None
-                n_bad += 1
+    for where, i, record in iter_records(source, split=split):
+        try:
+            convs.append(to_chat_messages(record))
+        except BadRecord as e:
+            if not skip_bad:
+                raise BadRecord(f"{where}: record {i}: {e}. Fix or remove the record, "
+                                f"or set skip_bad=True to skip malformed records") from None
+            n_bad += 1
     if n_bad:
         log(f"skipped {n_bad} malformed record(s) of {n_bad + len(convs)} in {source} (skip_bad=True)")
     if not convs:

@@ -26,12 +26,11 @@ A record that fits no layout stops the load with the file and record index; skip
 such records instead and reports how many.
 """
 
-import json
 import random
 import re
 
 from data import tasks
-from data.chat import BadRecord, _local_files, labels_from_mask, render, validate_messages
+from data.chat import BadRecord, labels_from_mask, render, validate_messages
 
 
 def _messages(x, what):
@@ -136,66 +135,23 @@ def normalize_record(rec):
 # -----------------------------------------------------------------------------
 # loading
 
-def _sources(source, split):
-    """[(name for messages, rows)]: local files (a path, directory, glob or comma-separated list, as
-    data/chat.py reads them) through `datasets`, else a hub dataset."""
-    import datasets
-    datasets.disable_progress_bars()
-    files = _local_files(source)
-    if files is None:
-        try:
-            return [(f"{source} [{split}]", datasets.load_dataset(source, split=split))]
-        except Exception as e:
-            raise SystemExit(f"cannot load preference data {source!r} split {split!r} from the hub: {e}\n"
-                             f"  for local data give a .json/.jsonl/.parquet file (or a directory of them)")
-    out = []
-    for f in files:
-        builder = "parquet" if f.endswith(".parquet") else "json"
-        try:
-            out.append((f, datasets.load_dataset(builder, data_files=f, split="train")))
-        except Exception as e:  # arrow could not build a table: read json plainly to say which line is bad
-            if builder != "json":
-                raise SystemExit(f"{f}: cannot be read as parquet: {e}")
-            out.append((f, _plain_json(f, e)))
-    return out
-
-
-def _plain_json(path, err):
-    text = open(path).read()
-    try:
-        rows = json.loads(text)
-        return rows if isinstance(rows, list) else [rows]
-    except json.JSONDecodeError:
-        pass
-    rows = []
-    for i, line in enumerate(text.splitlines()):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise SystemExit(f"{path}: line {i + 1} is not valid JSON ({e.msg}); fix or remove it "
-                             f"(datasets said: {str(err)[:200]})")
-    return rows
-
-
 def load_preferences(source, split="train", skip_bad=False, max_records=None, log=print):
     """Normalised records (see the module docstring) from local files or a hub dataset. A malformed
     record stops the load naming the file and the record's 0-based index (its line in a jsonl file);
     with skip_bad it is skipped and the count is logged."""
+    from data.records import iter_records
     out, n_bad, n_seen = [], 0, 0
-    for name, rows in _sources(source, split):
-        for i, row in enumerate(rows):
-            if max_records is not None and len(out) >= max_records:
-                break
-            n_seen += 1
-            try:
-                out.append(normalize_record(row))
-            except BadRecord as e:
-                if not skip_bad:
-                    raise SystemExit(f"{name}: record {i} is malformed: {e}.\n"
-                                     f"  Fix or remove it, or set skip_bad=True to skip malformed records.")
-                n_bad += 1
+    for name, i, row in iter_records(source, split=split):
+        if max_records is not None and len(out) >= max_records:
+            break
+        n_seen += 1
+        try:
+            out.append(normalize_record(row))
+        except BadRecord as e:
+            if not skip_bad:
+                raise SystemExit(f"{name}: record {i} is malformed: {e}.\n"
+                                 f"  Fix or remove it, or set skip_bad=True to skip malformed records.")
+            n_bad += 1
     if n_bad:
         log(f"skipped {n_bad} malformed record(s) of {n_seen} in {source} (skip_bad=True)")
     if not out:

@@ -32,8 +32,6 @@ PRESETS = {
     "fineweb-edu": ("HuggingFaceFW/fineweb-edu", "sample-10BT", "text"),
     "tinystories": ("roneneldan/TinyStories", None, "text"),
 }
-# local file extensions -> datasets' packaged builder
-BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
 
 # -----------------------------------------------------------------------------
 # token files
@@ -128,60 +126,16 @@ def load_tokens(path):
 # sources -> stream of (where, index, record)
 
 
-def _local_files(path):
-    if os.path.isfile(path):
-        files = [path]
-    else:
-        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs
-                       if os.path.splitext(f)[1] in BUILDERS)
-        if not files:
-            raise ValueError(f"no data files in directory {path!r}: expected {sorted(BUILDERS)} files")
-    for f in files:
-        if os.path.splitext(f)[1] not in BUILDERS:
-            raise ValueError(f"{f}: unsupported file type; use one of {sorted(BUILDERS)} "
-                             f"(.txt files are read as one document per file)")
-    return files
-
-
-def iter_records(source, config=None, split="train"):
-    """
-    Yield (where, index, record) with record a dict; `where` names the file or
-    dataset and `index` counts records within it, for error messages.
-    """
+def iter_source(source, config=None, split="train"):
+    """(where, index, record) from "embedded", a named preset, local files or a hub dataset."""
     if source == "embedded":
         from data.corpus import embedded_documents
         for i, doc in enumerate(embedded_documents()):
             yield "embedded", i, {"text": doc}
         return
-
-    import datasets  # imported lazily: slow to import, and only needed here
-
-    if os.path.exists(source):
-        # one load per file so an error can name the file and the record's index in it
-        for f in _local_files(source):
-            builder = BUILDERS[os.path.splitext(f)[1]]
-            kwargs = {"sample_by": "document"} if builder == "text" else {}
-            ds = datasets.load_dataset(builder, data_files=[f], split="train", streaming=True, **kwargs)
-            for i, rec in enumerate(ds):
-                yield f, i, rec
-        return
-
-    if source.startswith((".", "/", "~")) or os.path.splitext(source)[1] in BUILDERS:
-        # looks like a path, so don't send it to the hub as a dataset name
-        raise FileNotFoundError(f"data source {source!r} does not exist (it looks like a local path)")
-    path, name = source, config
-    if source in PRESETS:
-        path, name, _ = PRESETS[source]
-    try:
-        ds = datasets.load_dataset(path, name=name, split=split, streaming=True)
-        it = iter(ds)
-    except Exception as e:
-        raise RuntimeError(f"could not open dataset {source!r} (hub path {path!r}, config {name!r}, "
-                           f"split {split!r}): {e}\nIt is neither a local file/directory nor reachable on "
-                           f"the Hugging Face hub (are you offline?). Use --source=embedded or a local "
-                           f"json/jsonl/parquet/txt file or directory.") from e
-    for i, rec in enumerate(it):
-        yield path, i, rec
+    from data.records import iter_records
+    path, name = PRESETS[source][:2] if source in PRESETS else (source, config)
+    yield from iter_records(path, split=split, config=name)
 
 
 def is_val(index, val_fraction):
@@ -223,7 +177,7 @@ def prepare(source, out_dir, tokenizer="default", val_fraction=0.005, text_field
     try:
         batch = []
         n = 0  # documents accepted so far; the split is by this index
-        for where, index, rec in iter_records(source, config=config, split=split):
+        for where, index, rec in iter_source(source, config=config, split=split):
             if max_docs is not None and n >= max_docs:
                 break
             text = rec.get(text_field) if isinstance(rec, dict) else None

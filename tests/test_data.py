@@ -214,3 +214,24 @@ def test_embedded_documents():
     c = embedded_documents(max_bytes=600_000)
     assert c[:len(a)] == a and len(c) > len(a)
     assert any("def " in d for d in a) and any('"""' in d for d in a)
+
+
+def test_records_mixed_schema_bad_line_and_hub_names(tmp_path):
+    from data.records import iter_records, local_files
+    # a field that is a string in one record and a list in another: arrow can't hold it, plain JSON can
+    rows = [{"prompt": "q0", "chosen": "a"}, {"prompt": [{"role": "user", "content": "q1"}], "chosen": "b"},
+            {"prompt": "q2", "chosen": "c"}]
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [(w, i, r) for w, i, r in iter_records(str(mixed))] == [(str(mixed), i, r) for i, r in enumerate(rows)]
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "ok"}\n{"text": [1]}\n{"text": oops}\n')
+    with pytest.raises(ValueError, match=r"broken\.jsonl: line 3 is not valid JSON"):
+        list(iter_records(str(broken)))
+    # comma-separated lists, globs and directories are local; a bare name is a hub dataset
+    assert local_files(f"{mixed},{broken}") == [str(mixed), str(broken)]
+    assert local_files(str(tmp_path / "*.jsonl")) == sorted([str(broken), str(mixed)])
+    assert local_files(str(tmp_path)) == sorted([str(broken), str(mixed)])
+    assert local_files("HuggingFaceH4/no_robots") is None
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        local_files("missing.parquet")
