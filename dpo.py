@@ -483,6 +483,7 @@ def main():
         summary = (f" | task exact-match {acc_before[0]:.3f} -> {acc_after[0]:.3f}" if acc_before else "")
         print(f"saved {path}{summary} ({time.time() - t_start:.0f}s)")
     if ddp:
+        dist.barrier()  # leave together: rank 0 may still be writing the checkpoint
         dist.destroy_process_group()
 
 

@@ -606,4 +606,5 @@ if __name__ == "__main__":
     for t in task_names if len(task_names) > 1 else []:
         log(f"  {t:8s} {ev0[1][t]:6.1%} -> {ev[1][t]:6.1%}")
     if ddp:
+        dist.barrier()  # leave together: rank 0 may still be writing the checkpoint
         dist.destroy_process_group()

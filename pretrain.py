@@ -331,4 +331,5 @@ if master:
     print(f"done: {last_step - start_step} steps in {time.time() - t_start:.0f}s")
 sample()
 if ddp:
+    dist.barrier()  # leave together: rank 0 may still be writing the checkpoint
     dist.destroy_process_group()

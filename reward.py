@@ -332,6 +332,7 @@ def main():
         print(f"saved {path} | held-out pairwise accuracy {m0['accuracy']:.4f} -> {m['accuracy']:.4f} "
               f"({time.time() - t_start:.0f}s)")
     if ddp:
+        dist.barrier()  # leave together: rank 0 may still be writing the checkpoint
         dist.destroy_process_group()
 
 

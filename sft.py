@@ -340,4 +340,5 @@ if "accuracy" in ev:
         log(f"  {t:8s} {ev0['accuracy_per_task'][t]:6.1%} -> {ev['accuracy_per_task'][t]:6.1%}")
 log(f"done in {time.time() - t0:.0f}s")
 if ddp:
+    dist.barrier()  # leave together: rank 0 may still be writing the checkpoint
     dist.destroy_process_group()
