@@ -15,11 +15,13 @@ import sys
 
 import torch
 
+from checkpoint import load_model
 from data.chat import render_prompt
 from data.tokenizer import get_tokenizer
-from model import load_checkpoint, model_from_checkpoint
+from distributed import setup_distributed
 
 # -----------------------------------------------------------------------------
+# config
 ckpt = "out/sft/ckpt.pt"
 prompt = ""                # one-shot: answer this and exit
 system = ""                # optional system prompt
@@ -29,79 +31,85 @@ top_p = 0.95               # 1.0 = off
 repetition_penalty = 1.0
 max_new_tokens = 256
 seed = 1337
+device = "auto"            # auto | cpu | cuda
 kernels = "auto"
-# -----------------------------------------------------------------------------
-from configs import configure  # noqa: E402
-configure(globals())
-
-try:
-    state = load_checkpoint(ckpt)
-except FileNotFoundError:
-    raise SystemExit(f"chat: checkpoint {ckpt} not found; run `python sft.py` first or pass --ckpt=PATH")
-device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-tok = get_tokenizer(state["tokenizer"])
-model = model_from_checkpoint(state, device, kernels=kernels).eval()
-del state
-generator = torch.Generator(device=device).manual_seed(seed)
-autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+_choices = dict(device=("auto", "cpu", "cuda"), kernels=("auto", "triton", "torch"))
+_ranges = dict(temperature="[0, inf)", top_k="[0, inf)", top_p="(0, 1]", repetition_penalty="(0, inf)",
+               max_new_tokens="[1, inf)")
 
 
 class Stream:
     """generate()'s per-step callback: print the new text as soon as it decodes cleanly. Decoding the
     whole reply each time (not token by token) keeps multi-byte characters split across tokens intact."""
 
-    def __init__(self):
-        self.ids, self.printed = [], 0
+    def __init__(self, tok):
+        self.tok, self.ids, self.printed = tok, [], 0
 
     def __call__(self, tokens):
         t = int(tokens[0])
-        if t in (tok.im_end_id, tok.eot_id, tok.pad_id):
+        if t in (self.tok.im_end_id, self.tok.eot_id, self.tok.pad_id):
             return
         self.ids.append(t)
-        text = tok.decode(self.ids)
+        text = self.tok.decode(self.ids)
         if not text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
             sys.stdout.write(text[self.printed:])
             sys.stdout.flush()
             self.printed = len(text)
 
 
-def reply(messages):
-    ids = render_prompt(messages, tok)
-    keep = 1 if messages and messages[0]["role"] == "system" else 0
-    while len(ids) + 16 > model.config.max_seq_len and len(messages) > keep + 1:
-        messages[keep:keep + 2] = []  # drop the oldest user/assistant exchange
-        ids = render_prompt(messages, tok)
-    budget = min(max_new_tokens, model.config.max_seq_len - len(ids))
-    if budget <= 0:
-        raise SystemExit(f"chat: the prompt ({len(ids)} tokens) does not fit in max_seq_len={model.config.max_seq_len}")
-    stream = Stream()
-    with torch.no_grad(), autocast:
-        model.generate([ids], budget, temperature=temperature, top_k=top_k or None, top_p=top_p,
-                       repetition_penalty=repetition_penalty, stop_tokens=(tok.im_end_id, tok.eot_id),
-                       pad_id=tok.pad_id, generator=generator, callback=stream)
-    sys.stdout.write("\n")
-    return tok.decode(stream.ids)
-
-
-messages = [{"role": "system", "content": system}] if system else []
-if prompt:
-    reply(messages + [{"role": "user", "content": prompt}])
-    sys.exit(0)
-
-print(f"chatting with {ckpt} ({model.num_params() / 1e6:.1f}M params); /reset for a new conversation, /exit to quit")
-while True:
+if __name__ == "__main__":
+    from configs import configure
+    configure(globals())
+    _, _, _, device, autocast = setup_distributed(device)
     try:
-        user = input("\n>>> ").strip()
-    except (EOFError, KeyboardInterrupt):
-        print()
-        break
-    if user in ("/exit", "/quit"):
-        break
-    if user == "/reset":
-        messages = messages[:1] if system else []
-        print("(new conversation)")
-        continue
-    if not user:
-        continue
-    messages.append({"role": "user", "content": user})
-    messages.append({"role": "assistant", "content": reply(messages) or " "})
+        model, state = load_model(ckpt, device, kernels=kernels)
+    except FileNotFoundError:
+        raise SystemExit(f"chat: checkpoint {ckpt} not found; run `python sft.py` first or pass --ckpt=PATH")
+    except ValueError as e:  # e.g. a reward model
+        raise SystemExit(f"chat: {e}")
+    model.eval()
+    tok = get_tokenizer(state["tokenizer"])
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    def reply(messages):
+        ids = render_prompt(messages, tok)
+        keep = 1 if messages and messages[0]["role"] == "system" else 0
+        while len(ids) + 16 > model.config.max_seq_len and len(messages) > keep + 1:
+            messages[keep:keep + 2] = []  # drop the oldest user/assistant exchange
+            ids = render_prompt(messages, tok)
+        budget = min(max_new_tokens, model.config.max_seq_len - len(ids))
+        if budget <= 0:
+            raise SystemExit(f"chat: the prompt ({len(ids)} tokens) does not fit in "
+                             f"max_seq_len={model.config.max_seq_len}")
+        stream = Stream(tok)
+        with torch.no_grad(), autocast:
+            model.generate([ids], budget, temperature=temperature, top_k=top_k or None, top_p=top_p,
+                           repetition_penalty=repetition_penalty, stop_tokens=(tok.im_end_id, tok.eot_id),
+                           pad_id=tok.pad_id, generator=generator, callback=stream)
+        sys.stdout.write("\n")
+        return tok.decode(stream.ids)
+
+
+    messages = [{"role": "system", "content": system}] if system else []
+    if prompt:
+        reply(messages + [{"role": "user", "content": prompt}])
+        sys.exit(0)
+
+    print(f"chatting with {ckpt} ({model.num_params() / 1e6:.1f}M params); "
+          f"/reset for a new conversation, /exit to quit")
+    while True:
+        try:
+            user = input("\n>>> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            break
+        if user in ("/exit", "/quit"):
+            break
+        if user == "/reset":
+            messages = messages[:1] if system else []
+            print("(new conversation)")
+            continue
+        if not user:
+            continue
+        messages.append({"role": "user", "content": user})
+        messages.append({"role": "assistant", "content": reply(messages) or " "})

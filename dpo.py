@@ -33,13 +33,15 @@ the reference once before training, so training holds one model. Chosen and reje
 the model in one concatenated batch. Output: out/dpo/ckpt.pt, a plain language model (LoRA merged).
 """
 
+import copy
 import math
 import os
 import time
-from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
+
+from optim import SCHEDULES
 
 # -----------------------------------------------------------------------------
 # the objectives: pure functions of per-sequence log-prob tensors (B,)
@@ -63,7 +65,8 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1,
     elif loss_type == "hinge":
         losses = torch.relu(1 - beta * h)
     else:
-        raise ValueError(f"dpo_loss: unknown loss_type {loss_type!r}; reference-based types are sigmoid, robust, ipo, hinge")
+        raise ValueError(f"dpo_loss: unknown loss_type {loss_type!r}; "
+                         f"reference-based types are sigmoid, robust, ipo, hinge")
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 
@@ -135,7 +138,8 @@ max_val_records = 1000
 max_len = -1               # longest prompt + response in tokens (-1: the model's max_seq_len); longer pairs are dropped
 task_pairs = 1000          # "tasks": (correct, wrong) training pairs
 task_val_pairs = 200
-sampled_pairs = 1000       # "tasks": also ask the initial policy this many questions, pair its mistakes with correct answers
+sampled_pairs = 1000       # "tasks": also ask the initial policy this many questions, pair its mistakes with
+                           # correct answers
 num_samples = 2            # sampled answers per question, besides the greedy one
 sample_temperature = 1.0
 # objective
@@ -144,7 +148,8 @@ beta = 0.1
 label_smoothing = 0.0      # eps of loss_type="robust"
 simpo_gamma = 0.5
 orpo_lambda = 0.1
-rpo_alpha = 1.0            # the task pairs differ in a token or two, where plain DPO lowers chosen too (DPOP/RPO); 0: pure DPO
+rpo_alpha = 1.0            # the task pairs differ in a token or two, where plain DPO lowers chosen too (DPOP/RPO);
+                           # 0: pure DPO
 precompute_ref_logprobs = False
 # LoRA (lora_r = 0: full fine-tune and a reference copy)
 lora_r = 0
@@ -181,39 +186,39 @@ wandb_project = "dpo"
 wandb_run_name = "run"
 
 
-# the run; importing this file (as the tests do) defines the objectives above and runs nothing
-def main():
+# what the configurator accepts (checked before any work is done)
+_choices = dict(loss_type=_LOSS_TYPES, lr_schedule=SCHEDULES, parallel=("ddp", "fsdp"), device=("auto", "cpu", "cuda"),
+                kernels=("auto", "triton", "torch"))
+_ranges = dict(val_fraction="(0, 1)", max_records="[1, inf) or -1", max_val_records="[1, inf)",
+               max_len="[1, inf) or -1", task_pairs="[1, inf)", task_val_pairs="[1, inf)", sampled_pairs="[0, inf)",
+               num_samples="[1, inf)", sample_temperature="(0, inf)", beta="(0, inf)", label_smoothing="[0, 0.5)",
+               simpo_gamma="[0, inf)", orpo_lambda="[0, inf)", rpo_alpha="[0, inf)", lora_r="[0, inf)",
+               lora_alpha="(0, inf)", lora_dropout="[0, 1)", batch_size="[1, inf)", grad_accum="[1, inf)",
+               num_epochs="(0, inf)", max_steps="[1, inf) or -1", lr="(0, inf)", min_lr="[0, inf)",
+               warmup_steps="[0, inf)", weight_decay="[0, inf)", beta1="[0, 1)", beta2="[0, 1)", grad_clip="[0, inf)",
+               log_interval="[1, inf)", eval_interval="[1, inf)", eval_tasks="[0, inf)",
+               eval_max_new_tokens="[1, inf)", logp_warn_window="[2, inf)")
+
+if __name__ == "__main__":
     from configs import configure
     config = configure(globals())
 
     import torch.distributed as dist
 
+    from checkpoint import checkpoint_dict, load_model, model_state_dict, save_checkpoint
     from data import tasks
     from data.preference import (as_pairs, encode_records, load_preferences, pad_batch, sampled_task_pairs, split_off,
                                  task_pairs as make_task_pairs)
     from data.tokenizer import get_tokenizer
-    from model import (ModelConfig, Transformer, apply_lora, check_replicas_identical, checkpoint_dict,
-                       configure_optimizer, load_checkpoint, lora_disabled, lr_at, merged_model, model_state_dict,
-                       parallelize, save_checkpoint)
+    from distributed import check_replicas_identical, grad_sync, parallelize, setup_distributed, teardown_distributed
+    from lora import apply_lora, lora_disabled, merged_model
+    from model import Transformer
+    from optim import configure_optimizer, lr_at
 
-    if loss_type not in _LOSS_TYPES:
-        raise SystemExit(f"loss_type={loss_type!r}: choose one of {', '.join(_LOSS_TYPES)}")
     if label_smoothing and loss_type != "robust":
         raise SystemExit(f"label_smoothing={label_smoothing} applies to loss_type='robust' only (got {loss_type!r})")
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    if ddp:
-        dist.init_process_group("nccl" if torch.cuda.is_available() and device != "cpu" else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        local_rank = int(os.environ["LOCAL_RANK"])
-    else:
-        rank, world, local_rank = 0, 1, 0
+    ddp, rank, world_size, device, autocast = setup_distributed(device)
     master = rank == 0
-    dev = torch.device(f"cuda:{local_rank}" if (device == "cuda" or (device == "auto" and torch.cuda.is_available()))
-                       else "cpu")
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-        torch.backends.cuda.matmul.allow_tf32 = True
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
     torch.manual_seed(seed)
     log = print if master else (lambda *a, **k: None)
     fsdp = ddp and parallel == "fsdp"
@@ -222,25 +227,21 @@ def main():
     if not os.path.exists(init_from):
         raise SystemExit(f"init_from={init_from} not found: run `python sft.py` first, "
                          f"or point --init_from at a language-model checkpoint")
-    ckpt = load_checkpoint(init_from)
-    if "score_head.weight" in ckpt["model"]:
-        raise SystemExit(f"{init_from} is a reward model; DPO starts from a language model (e.g. out/sft/ckpt.pt)")
+    try:
+        policy, ckpt = load_model(init_from, kernels=kernels)
+    except ValueError as e:  # e.g. a reward model where a language model is needed
+        raise SystemExit(f"dpo: init_from: {e}")
     tok_name = ckpt["tokenizer"]
     tok = get_tokenizer(tok_name)
-    cfg = ModelConfig.from_dict({**ckpt["model_config"], "kernels": kernels})
-    policy = Transformer(cfg)
-    policy.load_state_dict(ckpt["model"])
-    policy.to(dev)
+    cfg = policy.config
+    policy.to(device)
     seq_cap = cfg.max_seq_len if max_len < 0 else min(max_len, cfg.max_seq_len)
     needs_ref = loss_type not in _REFERENCE_FREE
     ref_model = None
     if needs_ref and lora_r == 0 and not precompute_ref_logprobs:
-        ref_model = Transformer(cfg)
-        ref_model.load_state_dict(ckpt["model"])
-        ref_model.to(dev).eval().requires_grad_(False)
+        ref_model = copy.deepcopy(policy).eval().requires_grad_(False)
         if fsdp:
-            ref_model = parallelize(ref_model, "fsdp", dev)
-    del ckpt
+            ref_model = parallelize(ref_model, "fsdp", device)
 
     # data -----------------------------------------------------------------------------------
     test_examples = tasks.generate(eval_tasks, "test", seed=0) if eval_tasks else []
@@ -268,50 +269,50 @@ def main():
         obj = [train_set]
         dist.broadcast_object_list(obj, src=0)
         train_set = obj[0]
-    steps = max_steps if max_steps > 0 else max(1, math.ceil(num_epochs * len(train_set) / (batch_size * grad_accum * world)))
+    pairs_per_step = batch_size * grad_accum * world_size
+    steps = max_steps if max_steps > 0 else max(1, math.ceil(num_epochs * len(train_set) / pairs_per_step))
 
     if lora_r > 0:
-        targets = "all" if lora_targets == "all" else tuple(t.strip() for t in lora_targets.split(","))
-        apply_lora(policy, targets, lora_r, lora_alpha, lora_dropout)
-        policy.to(dev)
+        apply_lora(policy, lora_targets, lora_r, lora_alpha, lora_dropout)
+        policy.to(device)
     policy.activation_checkpointing = activation_checkpointing
-    raw = policy
-    n_train = sum(p.numel() for p in raw.parameters() if p.requires_grad)
-    model = parallelize(policy, parallel if ddp else "none", dev)
-    optimizer = configure_optimizer(model, lr, weight_decay, (beta1, beta2), device_type=dev.type)
+    raw_model = policy
+    n_train = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
+    model = parallelize(policy, parallel if ddp else "none", device)
+    optimizer = configure_optimizer(model, lr, weight_decay, (beta1, beta2), device_type=device.type)
     if compile:
         model = torch.compile(model)
     ref_kind = ("none (reference-free)" if not needs_ref else "precomputed log-probs" if precompute_ref_logprobs
                 else "adapters off" if lora_r else "frozen copy")
-    log(f"policy from {init_from}: {raw.num_params() / 1e6:.2f}M params, {n_train / 1e6:.2f}M trained"
+    log(f"policy from {init_from}: {raw_model.num_params() / 1e6:.2f}M params, {n_train / 1e6:.2f}M trained"
         f"{f' (LoRA r={lora_r})' if lora_r else ''} | loss {loss_type}, beta {beta} | reference: {ref_kind} | "
         f"data {data}: {len(train_set)} train / {len(val_set)} val pairs | {steps} steps x "
-        f"{batch_size * grad_accum * world} pairs = {steps * batch_size * grad_accum * world / len(train_set):.2f} "
-        f"epochs | device {dev} x {world}")
+        f"{pairs_per_step} pairs = {steps * pairs_per_step / len(train_set):.2f} "
+        f"epochs | device {device} x {world_size}")
     if wandb_log and master:
         import wandb
         wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 
     def pair_batch(records):
         """Chosen rows then rejected rows, padded together: one forward for both."""
-        return pad_batch([r["tokens"][0] for r in records] + [r["tokens"][1] for r in records], tok.pad_id, dev)
+        return pad_batch([r["tokens"][0] for r in records] + [r["tokens"][1] for r in records], tok.pad_id, device)
 
     @torch.no_grad()
     def reference_logps(idx, targets):
         if ref_model is not None:
             return sequence_logps(ref_model, idx, targets)[0]
-        was_training = raw.training
-        raw.eval()  # no dropout in the reference
-        with lora_disabled(raw):  # the base model is the reference
+        was_training = raw_model.training
+        raw_model.eval()  # no dropout in the reference
+        with lora_disabled(raw_model):  # the base model is the reference
             out = sequence_logps(model, idx, targets)[0]
-        raw.train(was_training)
+        raw_model.train(was_training)
         return out
 
     def precompute(records):
         """(N, 2) reference log-probs of chosen and rejected, split across ranks, summed back together."""
-        out = torch.zeros(len(records), 2, device=dev)
-        raw.eval()
-        per_iter = batch_size * world
+        out = torch.zeros(len(records), 2, device=device)
+        raw_model.eval()
+        per_iter = batch_size * world_size
         for it in range(math.ceil(len(records) / per_iter)):  # the same count on every rank (FSDP needs it)
             lo = it * per_iter + rank * batch_size
             recs = records[lo:lo + batch_size]
@@ -322,7 +323,7 @@ def main():
                 out[lo:lo + len(recs)] = lp.view(2, -1).t()[:len(recs)]
         if ddp:
             dist.all_reduce(out)
-        raw.train()
+        raw_model.train()
         return out
 
     if needs_ref and precompute_ref_logprobs:
@@ -347,7 +348,7 @@ def main():
                                            beta, label_smoothing, simpo_gamma, orpo_lambda, rpo_alpha)
         stats = torch.stack([losses.detach().sum(), r_c.sum(), r_r.sum(), (r_c - r_r).sum(),
                              (r_c > r_r).float().sum(), logps[:B].detach().sum(), logps[B:].detach().sum(),
-                             torch.tensor(float(B), device=dev)])
+                             torch.tensor(float(B), device=device)])
         return losses, stats, (idx != tok.pad_id).sum().item()
 
     STAT_NAMES = ("loss", "rewards/chosen", "rewards/rejected", "margins", "accuracy", "logps/chosen", "logps/rejected")
@@ -358,7 +359,7 @@ def main():
     perms = {}
 
     def train_ids_at(step, micro):
-        first = ((step * grad_accum + micro) * world + rank) * batch_size
+        first = ((step * grad_accum + micro) * world_size + rank) * batch_size
         out = []
         for g in range(first, first + batch_size):
             epoch, i = divmod(g, len(train_set))
@@ -371,13 +372,13 @@ def main():
     @torch.no_grad()
     def evaluate_pairs():
         model.eval()
-        total = torch.zeros(8, device=dev)
-        per_iter = batch_size * world
+        total = torch.zeros(8, device=device)
+        per_iter = batch_size * world_size
         for it in range(math.ceil(len(val_set) / per_iter)):
             lo = it * per_iter + rank * batch_size
             ids = list(range(lo, min(lo + batch_size, len(val_set))))
             with autocast:
-                _, stats, _ = forward_pairs([val_set[i] for i in ids or [0]], torch.tensor(ids or [0], device=dev),
+                _, stats, _ = forward_pairs([val_set[i] for i in ids or [0]], torch.tensor(ids or [0], device=device),
                                             val_ref if needs_ref and precompute_ref_logprobs else None)
             total += stats * (1.0 if ids else 0.0)
         if ddp:
@@ -390,7 +391,8 @@ def main():
         if not test_examples:
             return None
         with autocast:
-            return tasks.exact_match(raw, tok, test_examples, eval_max_new_tokens, rank=rank, world_size=world)
+            return tasks.exact_match(raw_model, tok, test_examples, eval_max_new_tokens, rank=rank,
+                                     world_size=world_size)
 
     def fmt_acc(a):
         return f"{a[0]:.3f} ({', '.join(f'{t} {v:.2f}' for t, v in a[1].items())})"
@@ -398,27 +400,39 @@ def main():
     def fmt_stats(s):
         return " | ".join(f"{k} {v:.4f}" for k, v in s.items())
 
-    # training -------------------------------------------------------------------------------
-    acc_before = task_accuracy()
-    if acc_before:
-        log(f"step 0: task exact-match {fmt_acc(acc_before)} on {len(test_examples)} held-out questions")
-    log(f"step 0: val {fmt_stats(evaluate_pairs())}")
+    # training: evaluate at the top of an iteration, so step 0, every eval_interval and the last step take
+    # the same path (the task accuracy, which generates, only before and after training) ---------------
     model.train()
     t_start = t_log = time.time()
-    tokens, window, chosen_history, warned = 0, torch.zeros(8, device=dev), [], False
-    for step in range(steps):
+    tokens, window, chosen_history, warned = 0, torch.zeros(8, device=device), [], False
+    for step in range(steps + 1):
+        final = step == steps
+        if step == 0 or final:
+            acc = task_accuracy()
+            if acc:
+                log(f"step {step}: task exact-match {fmt_acc(acc)}"
+                    + (f" on {len(test_examples)} held-out questions" if step == 0 else ""))
+            if step == 0:
+                acc_before = acc
+            else:
+                acc_after = acc
+        if step % eval_interval == 0 or final:
+            v = evaluate_pairs()
+            log(f"step {step}: val {fmt_stats(v)}")
+            if step > 0 and wandb_log and master:
+                wandb.log({f"val/{k}": x for k, x in v.items()}, step=step)
+            t_log = time.time()  # evaluation time is not training throughput
+        if final:
+            break
+
         cur_lr = lr_at(step, steps, lr, warmup_steps, min_lr, lr_schedule)
         for group in optimizer.param_groups:
             group["lr"] = cur_lr
         step_loss = 0.0
         for micro in range(grad_accum):
             ids = train_ids_at(step, micro)
-            if ddp and parallel == "ddp":
-                model.require_backward_grad_sync = micro == grad_accum - 1  # sync on the last micro-step only
-            elif fsdp:
-                raw.set_requires_gradient_sync(micro == grad_accum - 1)
-            with autocast:
-                losses, stats, n_tok = forward_pairs([train_set[i] for i in ids], torch.tensor(ids, device=dev),
+            with grad_sync(model, micro == grad_accum - 1), autocast:
+                losses, stats, n_tok = forward_pairs([train_set[i] for i in ids], torch.tensor(ids, device=device),
                                                      train_ref if needs_ref and precompute_ref_logprobs else None)
                 loss = losses.mean()
             (loss / grad_accum).backward()
@@ -426,11 +440,12 @@ def main():
             window += stats.detach()
             tokens += n_tok
         if not math.isfinite(step_loss):
-            raise SystemExit(f"non-finite loss at step {step + 1}: stopping without saving. Lower lr, or check the data")
+            raise SystemExit(f"non-finite loss at step {step + 1}: stopping without saving. "
+                             f"Lower lr, or check the data")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        raw.update_moe_bias()
+        raw_model.update_moe_bias()
         done = step + 1
         if done % log_interval == 0 or done == steps:
             if ddp:
@@ -440,33 +455,24 @@ def main():
             dt = time.time() - t_log
             eta = (steps - done) * (time.time() - t_start) / done
             log(f"step {done}/{steps} | loss {step_loss:.4f} | lr {cur_lr:.2e} | grad_norm {grad_norm.item():.2f} | "
-                f"tok/s {tokens * world / dt:,.0f} | rewards/chosen {s['rewards/chosen']:.3f} | rewards/rejected "
-                f"{s['rewards/rejected']:.3f} | margins {s['margins']:.3f} | accuracy {s['accuracy']:.3f} | "
-                f"logps/chosen {s['logps/chosen']:.2f} | logps/rejected {s['logps/rejected']:.2f} | "
-                f"eta {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
+                f"tok/s {tokens * world_size / dt:,.0f} | rewards/chosen {s['rewards/chosen']:.3f} | "
+                f"rewards/rejected {s['rewards/rejected']:.3f} | margins {s['margins']:.3f} | "
+                f"accuracy {s['accuracy']:.3f} | logps/chosen {s['logps/chosen']:.2f} | "
+                f"logps/rejected {s['logps/rejected']:.2f} | eta {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
             chosen_history.append(s["logps/chosen"])
             if falling_streak(chosen_history, logp_warn_window):
                 if not warned:
                     log(f"warning: logps/chosen fell at {logp_warn_window} consecutive logs "
-                        f"({chosen_history[-logp_warn_window]:.2f} -> {chosen_history[-1]:.2f}): the policy is pushing "
-                        f"chosen responses down along with rejected ones. Consider rpo_alpha=1.0 (an NLL term on "
-                        f"chosen), a lower lr or a larger beta.")
+                        f"({chosen_history[-logp_warn_window]:.2f} -> {chosen_history[-1]:.2f}): the policy is "
+                        f"pushing chosen responses down along with rejected ones. Consider rpo_alpha=1.0 (an NLL "
+                        f"term on chosen), a lower lr or a larger beta.")
                 warned = True
             else:
                 warned = False
             if wandb_log and master:
                 wandb.log({"loss": step_loss, "lr": cur_lr, "grad_norm": grad_norm.item(),
                            **{f"train/{k}": v for k, v in s.items()}}, step=done)
-            t_log, tokens, window = time.time(), 0, torch.zeros(8, device=dev)
-        if done % eval_interval == 0 or done == steps:
-            v = evaluate_pairs()
-            log(f"step {done}: val {fmt_stats(v)}")
-            if wandb_log and master:
-                wandb.log({f"val/{k}": x for k, x in v.items()}, step=done)
-
-    acc_after = task_accuracy()
-    if acc_after:
-        log(f"step {steps}: task exact-match {fmt_acc(acc_after)}")
+            t_log, tokens, window = time.time(), 0, torch.zeros(8, device=device)
 
     if ddp and parallel == "ddp":
         log(f"parameters identical on all {check_replicas_identical(model)} ranks")
@@ -474,7 +480,7 @@ def main():
     # save: a plain language model (LoRA merged) -------------------------------------------------
     state = model_state_dict(model)  # every rank joins the gather under FSDP
     if master:
-        lora = dict(targets=targets, r=lora_r, alpha=lora_alpha, dropout=lora_dropout) if lora_r > 0 else None
+        lora = dict(targets=lora_targets, r=lora_r, alpha=lora_alpha, dropout=lora_dropout) if lora_r > 0 else None
         final = merged_model(state, Transformer(cfg), lora)
         path = os.path.join(out_dir, "ckpt.pt")
         extra = dict(task_accuracy_before=acc_before[0], task_accuracy_after=acc_after[0]) if acc_before else {}
@@ -482,10 +488,4 @@ def main():
                                               init_from=init_from, **extra))
         summary = (f" | task exact-match {acc_before[0]:.3f} -> {acc_after[0]:.3f}" if acc_before else "")
         print(f"saved {path}{summary} ({time.time() - t_start:.0f}s)")
-    if ddp:
-        dist.barrier()  # leave together: rank 0 may still be writing the checkpoint
-        dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    main()
+    teardown_distributed(ddp)

@@ -44,81 +44,11 @@ import copy
 import math
 import os
 import time
-from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
 
-# -----------------------------------------------------------------------------
-# config
-# I/O
-init_from = "out/sft/ckpt.pt"
-out_dir = "out/grpo"
-# data
-dataset = "tasks"            # "tasks" (data/tasks.py) | "gsm8k" (openai/gsm8k "main" via `datasets`)
-data_path = ""               # gsm8k: a local .jsonl/.json/.parquet train file with the openai/gsm8k schema
-eval_data_path = ""          # gsm8k: the same for the test split
-n_train = 20000              # tasks: number of training questions
-task_subset = "add,count,max"  # tasks: comma-separated subset of data.tasks.TASKS to train and test on ("" = all);
-                             # the default leaves out reverse and sort, which SFT already solves (~100%): no signal
-system_prompt = ""           # a system message before every question ("" = none)
-# rewards: rule-based functions from data/rewards.py, and/or a learned reward model (reward.py)
-reward_funcs = ("exact",)    # names in data.rewards.REWARD_FUNCS: exact | format | gsm8k
-reward_weights = ()          # one per reward function; () = all 1.0
-reward_model = ""            # path of a reward.py checkpoint ("" = none)
-reward_model_weight = 1.0
-# rollouts
-num_generations = 16         # G completions per prompt (>= 2)
-prompts_per_step = 8         # prompts per rollout batch, over all ranks (each rank samples its share)
-max_new_tokens = 16
-temperature = 1.0            # sampling temperature; the training log-probs use the same one
-top_p = 1.0
-top_k = 0                    # 0 = off
-# GRPO / DAPO / Dr. GRPO
-beta = 0.0                   # KL coefficient (k3 estimator); 0 = no reference model is kept
-epsilon = 0.2                # clip range below 1
-epsilon_high = 0.2           # clip range above 1 (DAPO clip-higher: 0.28)
-epsilon_std = 1e-4           # added to the group std before dividing
-scale_rewards = True         # False: A = r - mean (Dr. GRPO)
-num_iterations = 1           # mu: optimizer steps per rollout batch
-loss_type = "grpo"           # "grpo" | "dapo" | "dr_grpo"
-dynamic_sampling = True      # DAPO: drop groups with all-equal rewards, sample more prompts to fill the batch
-max_sampling_rounds = 3      # dynamic sampling: at most this many rollout rounds per step
-overlong_buffer = 0          # DAPO soft overlong punishment over the last overlong_buffer tokens (0 = off)
-overlong_penalty = 1.0       # its largest penalty (at max_new_tokens)
-# optimisation
-max_steps = 300              # rollout batches
-micro_batch_size = 64        # completions per forward/backward
-lr = 3e-5                    # ~1e-6 full fine-tuning at scale; 5e-4 already collapses the default model
-min_lr = 3e-5
-warmup_steps = 0
-lr_schedule = "constant"     # cosine | wsd | constant
-weight_decay = 0.0
-beta1 = 0.9
-beta2 = 0.99
-adam_eps = 1e-8
-grad_clip = 1.0              # 0 = off
-# LoRA (lora_r = 0: full fine-tuning); the reference model is then the base with adapters off
-lora_r = 0
-lora_alpha = 16.0
-lora_dropout = 0.0           # dropout would make the policy stochastic: ratio and sampled log-probs disagree
-lora_targets = "all"
-lora_rslora = False
-# eval: greedy exact-answer accuracy on held-out (test split) questions
-eval_interval = 50           # 0 = only before and after training
-eval_size = 500
-eval_batch_size = 250
-eval_samples = 2             # sampled completions printed at each log line (0 = none)
-log_interval = 1
-# system
-seed = 1337
-parallel = "ddp"             # under torchrun: ddp | fsdp
-kernels = "auto"             # auto | triton | torch
-compile = False
-wandb_log = False
-wandb_project = "grpo"
-wandb_run_name = "grpo"
-
+from optim import SCHEDULES
 
 # -----------------------------------------------------------------------------
 # the algorithm, as pure functions on tensors (tests/test_grpo.py checks each against a reference)
@@ -236,31 +166,113 @@ def score_completions(examples, completions, funcs, weights):
 
 
 # -----------------------------------------------------------------------------
-# the training script (`import grpo` stops above: the tests import the functions)
+# config
+# I/O
+init_from = "out/sft/ckpt.pt"
+out_dir = "out/grpo"
+# data
+dataset = "tasks"            # "tasks" (data/tasks.py) | "gsm8k" (openai/gsm8k "main" via `datasets`)
+data_path = ""               # gsm8k: a local .jsonl/.json/.parquet train file with the openai/gsm8k schema
+eval_data_path = ""          # gsm8k: the same for the test split
+n_train = 20000              # tasks: number of training questions
+task_subset = "add,count,max"  # tasks: comma-separated subset of data.tasks.TASKS to train and test on ("" = all);
+                             # the default leaves out reverse and sort, which SFT already solves (~100%): no signal
+system_prompt = ""           # a system message before every question ("" = none)
+# rewards: rule-based functions from data/rewards.py, and/or a learned reward model (reward.py)
+reward_funcs = ("exact",)    # names in data.rewards.REWARD_FUNCS: exact | format | gsm8k
+reward_weights = ()          # one per reward function; () = all 1.0
+reward_model = ""            # path of a reward.py checkpoint ("" = none)
+reward_model_weight = 1.0
+# rollouts
+num_generations = 16         # G completions per prompt (>= 2)
+prompts_per_step = 8         # prompts per rollout batch, over all ranks (each rank samples its share)
+max_new_tokens = 16
+temperature = 1.0            # sampling temperature; the training log-probs use the same one
+top_p = 1.0
+top_k = 0                    # 0 = off
+# GRPO / DAPO / Dr. GRPO
+beta = 0.0                   # KL coefficient (k3 estimator); 0 = no reference model is kept
+epsilon = 0.2                # clip range below 1
+epsilon_high = 0.2           # clip range above 1 (DAPO clip-higher: 0.28)
+epsilon_std = 1e-4           # added to the group std before dividing
+scale_rewards = True         # False: A = r - mean (Dr. GRPO)
+num_iterations = 1           # mu: optimizer steps per rollout batch
+loss_type = "grpo"           # "grpo" | "dapo" | "dr_grpo"
+dynamic_sampling = True      # DAPO: drop groups with all-equal rewards, sample more prompts to fill the batch
+max_sampling_rounds = 3      # dynamic sampling: at most this many rollout rounds per step
+overlong_buffer = 0          # DAPO soft overlong punishment over the last overlong_buffer tokens (0 = off)
+overlong_penalty = 1.0       # its largest penalty (at max_new_tokens)
+# optimisation
+max_steps = 300              # rollout batches
+micro_batch_size = 64        # completions per forward/backward
+lr = 3e-5                    # ~1e-6 full fine-tuning at scale; 5e-4 already collapses the default model
+min_lr = 3e-5
+warmup_steps = 0
+lr_schedule = "constant"     # cosine | wsd | constant
+weight_decay = 0.0
+beta1 = 0.9
+beta2 = 0.99
+adam_eps = 1e-8
+grad_clip = 1.0              # 0 = off
+# LoRA (lora_r = 0: full fine-tuning); the reference model is then the base with adapters off
+lora_r = 0
+lora_alpha = 16.0
+lora_dropout = 0.0           # dropout would make the policy stochastic: ratio and sampled log-probs disagree
+lora_targets = "all"
+lora_rslora = False
+# eval: greedy exact-answer accuracy on held-out (test split) questions
+eval_interval = 50           # 0 = only before and after training
+eval_size = 500
+eval_batch_size = 250
+eval_samples = 2             # sampled completions printed at each log line (0 = none)
+log_interval = 1
+# system
+seed = 1337
+parallel = "ddp"             # under torchrun: ddp | fsdp
+device = "auto"              # auto | cpu | cuda
+kernels = "auto"             # auto | triton | torch
+compile = False
+wandb_log = False
+wandb_project = "grpo"
+wandb_run_name = "grpo"
+
+
+# what the configurator accepts (checked before any work is done)
+_choices = dict(dataset=("tasks", "gsm8k"), reward_funcs=("exact", "format", "gsm8k"),
+                loss_type=("grpo", "dapo", "dr_grpo"), lr_schedule=SCHEDULES, parallel=("ddp", "fsdp"),
+                device=("auto", "cpu", "cuda"), kernels=("auto", "triton", "torch"))
+_ranges = dict(n_train="[1, inf)", num_generations="[2, inf)", prompts_per_step="[1, inf)",
+               max_new_tokens="[1, inf)", temperature="(0, inf)", top_p="(0, 1]", top_k="[0, inf)", beta="[0, inf)",
+               epsilon="[0, 1)", epsilon_high="[0, inf)", epsilon_std="[0, inf)", num_iterations="[1, inf)",
+               max_sampling_rounds="[1, inf)", overlong_buffer="[0, inf)", overlong_penalty="[0, inf)",
+               max_steps="[1, inf)", micro_batch_size="[1, inf)", lr="(0, inf)", min_lr="[0, inf)",
+               warmup_steps="[0, inf)", weight_decay="[0, inf)", beta1="[0, 1)", beta2="[0, 1)", adam_eps="(0, inf)",
+               grad_clip="[0, inf)", lora_r="[0, inf)", lora_alpha="(0, inf)", lora_dropout="[0, 1)",
+               eval_interval="[0, inf)", eval_size="[1, inf)", eval_batch_size="[1, inf)", eval_samples="[0, inf)",
+               log_interval="[1, inf)")
+
+
+# -----------------------------------------------------------------------------
+# the run (`import grpo` stops above: the tests import the functions)
 if __name__ == "__main__":
     from configs import configure
     config = configure(globals())
 
+    from checkpoint import checkpoint_dict, load_model, model_state_dict, save_checkpoint
     from data import tasks
     from data.chat import render_prompt
     from data.rewards import get_reward_funcs, is_correct, load_gsm8k
     from data.tokenizer import get_tokenizer
-    from model import (RewardModel, Transformer, apply_lora, check_replicas_identical, checkpoint_dict,
-                       configure_optimizer, fsdp_gathered, load_checkpoint, lora_disabled, lora_modules, lr_at,
-                       merge_lora, merged_model, model_from_checkpoint, model_state_dict, parallelize,
-                       save_checkpoint, unwrap)
+    from distributed import (check_replicas_identical, fsdp_gathered, grad_sync, parallelize, setup_distributed,
+                             teardown_distributed, unwrap)
+    from lora import apply_lora, lora_disabled, lora_modules, merge_lora, merged_model
+    from model import Transformer
+    from optim import configure_optimizer, lr_at
+    from reward import score_conversations
 
     def fail(msg):
         raise SystemExit(f"grpo: {msg}")
 
-    if num_generations < 2:
-        fail(f"num_generations={num_generations}: group-relative advantages need at least 2 completions per prompt")
-    if temperature <= 0:
-        fail(f"temperature={temperature}: GRPO samples (greedy groups would all be equal); use e.g. 1.0")
-    if loss_type not in ("grpo", "dapo", "dr_grpo"):
-        fail(f"unknown loss_type {loss_type!r}: use grpo, dapo or dr_grpo")
-    if num_iterations < 1:
-        fail(f"num_iterations={num_iterations} must be >= 1")
     if not reward_funcs and not reward_model:
         fail("no reward: set reward_funcs (e.g. ('exact',)) and/or reward_model=PATH")
     weights = tuple(reward_weights) or (1.0,) * len(reward_funcs)
@@ -270,43 +282,32 @@ if __name__ == "__main__":
     if overlong_buffer and not 0 < overlong_buffer <= max_new_tokens:
         fail(f"overlong_buffer={overlong_buffer} must be in 1..max_new_tokens ({max_new_tokens})")
 
-    # -------------------------------------------------------------------------
-    # distributed setup
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    if ddp:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        rank, world_size = dist.get_rank(), dist.get_world_size()
-        device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if torch.cuda.is_available() else "cpu")
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-    else:
-        rank, world_size = 0, 1
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ddp, rank, world_size, device, autocast = setup_distributed(device)
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
-    autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
     if prompts_per_step % world_size:
         fail(f"prompts_per_step={prompts_per_step} must be divisible by the number of ranks ({world_size})")
     local_prompts = prompts_per_step // world_size
+    G = num_generations
 
     # -------------------------------------------------------------------------
     # policy, reference, reward model
     if not os.path.exists(init_from):
         hint = "python sft.py" if init_from == "out/sft/ckpt.pt" else "the stage that writes it"
         fail(f"init checkpoint {init_from} not found. Run `{hint}` first, or pass --init_from=PATH.")
-    ckpt = load_checkpoint(init_from)
-    tok = get_tokenizer(ckpt["tokenizer"])
     # no dropout: the importance ratio and the sampled log-probs assume one deterministic policy
-    model = model_from_checkpoint(ckpt, "cpu", kernels=kernels, dropout=0.0)
-    del ckpt
+    try:
+        model, ckpt = load_model(init_from, "cpu", kernels=kernels, dropout=0.0)
+    except ValueError as e:  # e.g. a reward model where a language model is needed
+        fail(f"init_from: {e}")
+    tok = get_tokenizer(ckpt["tokenizer"])
     if lora_modules(model):
         merge_lora(model)  # an adapter checkpoint from sft.py: start from the merged model
     cfg = model.config
     ref_model = None
     lora = None
     if lora_r > 0:
-        targets = "all" if lora_targets == "all" else tuple(t.strip() for t in lora_targets.split(","))
-        lora = dict(targets=targets, r=lora_r, alpha=lora_alpha, dropout=lora_dropout, rslora=lora_rslora)
+        lora = dict(targets=lora_targets, r=lora_r, alpha=lora_alpha, dropout=lora_dropout, rslora=lora_rslora)
         torch.manual_seed(seed)  # the same adapter init on every rank (FSDP does not broadcast parameters)
         apply_lora(model, **lora)  # the reference is then free: the same model with its adapters off
     elif beta > 0:
@@ -316,11 +317,13 @@ if __name__ == "__main__":
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"init from {init_from}: {model.num_params() / 1e6:.2f}M params, {n_trainable / 1e6:.3f}M trainable"
         f"{f' (LoRA r={lora_r})' if lora else ''}, reference: "
-        f"{'none (beta=0)' if beta == 0 else 'base with adapters off' if lora else 'frozen copy'}, device {device}, world {world_size}")
+        f"{'none (beta=0)' if beta == 0 else 'base with adapters off' if lora else 'frozen copy'}, "
+        f"device {device}, world {world_size}")
     rm = None
     if reward_model:
         # reward.py trains from the SFT checkpoint, so it shares the policy's tokenizer
-        rm = RewardModel.from_checkpoint(reward_model, device, kernels=kernels).eval().requires_grad_(False)
+        rm, _ = load_model(reward_model, device, kind="reward", kernels=kernels)
+        rm.eval().requires_grad_(False)
         log(f"reward model {reward_model}: {sum(p.numel() for p in rm.parameters()) / 1e6:.2f}M params, "
             f"weight {reward_model_weight}")
 
@@ -329,14 +332,13 @@ if __name__ == "__main__":
     if dataset == "tasks":
         names = tuple(t.strip() for t in task_subset.split(",")) if task_subset else tasks.TASKS
         if set(names) - set(tasks.TASKS):
-            fail(f"unknown task(s) {sorted(set(names) - set(tasks.TASKS))} in task_subset: choose from {', '.join(tasks.TASKS)}")
+            fail(f"unknown task(s) {sorted(set(names) - set(tasks.TASKS))} in task_subset: "
+                 f"choose from {', '.join(tasks.TASKS)}")
         train_examples = tasks.generate(n_train, "train", seed=seed, tasks=names)
         test_examples = tasks.generate(eval_size, "test", seed=0, tasks=names)
-    elif dataset == "gsm8k":
+    else:
         train_examples = load_gsm8k("train", data_path or None)
         test_examples = load_gsm8k("test", eval_data_path or None)[:eval_size]
-    else:
-        fail(f"unknown dataset {dataset!r}: use tasks or gsm8k")
 
     def prompt_ids(ex):
         return render_prompt(tasks.to_messages(ex, system_prompt or None), tok)
@@ -374,26 +376,19 @@ if __name__ == "__main__":
             parallelize(ref_model, "fsdp", device)  # sharded like the policy, forward-only
     if compile:
         model = torch.compile(model)
-    raw = unwrap(model)
+    raw_model = unwrap(model)
     sample_gen = torch.Generator(device=device).manual_seed(seed + rank)
     stop = (tok.im_end_id,)
 
-    def grad_sync(last):
-        # accumulate locally and communicate once per optimizer step, on its last micro-batch
-        if ddp and parallel == "ddp" and not last:
-            return model.no_sync()
-        if ddp and parallel == "fsdp":
-            model.set_requires_gradient_sync(last)
-        return nullcontext()
-
     def decode(tokens, lengths):
-        return [tok.decode([t for t in row[:n] if t != tok.im_end_id]) for row, n in zip(tokens.tolist(), lengths.tolist())]
+        return [tok.decode([t for t in row[:n] if t != tok.im_end_id])
+                for row, n in zip(tokens.tolist(), lengths.tolist())]
 
     def evaluate():
         """Greedy exact-answer accuracy on the held-out questions, overall and per task, split over ranks."""
         with autocast:
-            return tasks.exact_match(raw, tok, test_examples, max_new_tokens, eval_batch_size, system_prompt or None,
-                                     rank=rank, world_size=world_size, score=is_correct)
+            return tasks.exact_match(raw_model, tok, test_examples, max_new_tokens, eval_batch_size,
+                                     system_prompt or None, rank=rank, world_size=world_size, score=is_correct)
 
     def report(step, ev):
         per_task = " ".join(f"{t} {a:.0%}" for t, a in ev[1].items()) if len(ev[1]) > 1 else ""
@@ -404,11 +399,11 @@ if __name__ == "__main__":
     @torch.no_grad()
     def rollout(examples):
         """G sampled completions of each example (one generate call), their rewards and correctness."""
-        prompts = [prompt_ids(ex) for ex in examples for _ in range(num_generations)]
-        exs = [ex for ex in examples for _ in range(num_generations)]
+        prompts = [prompt_ids(ex) for ex in examples for _ in range(G)]
+        exs = [ex for ex in examples for _ in range(G)]
         with autocast:
-            g = raw.generate(prompts, max_new_tokens, temperature=temperature, top_k=top_k or None, top_p=top_p,
-                             stop_tokens=stop, pad_id=tok.pad_id, generator=sample_gen)
+            g = raw_model.generate(prompts, max_new_tokens, temperature=temperature, top_k=top_k or None,
+                                   top_p=top_p, stop_tokens=stop, pad_id=tok.pad_id, generator=sample_gen)
         B, N = g["tokens"].shape
         tokens = torch.full((B, max_new_tokens), tok.pad_id, dtype=torch.long, device=device)
         logprobs = torch.zeros(B, max_new_tokens, device=device)
@@ -416,13 +411,15 @@ if __name__ == "__main__":
         texts = decode(g["tokens"], g["lengths"])
         rewards, per_func = score_completions(exs, texts, funcs, weights)
         if rm is not None:
-            convs = [tasks.to_messages(dict(prompt=ex["prompt"], answer=t), system_prompt or None) for ex, t in zip(exs, texts)]
+            convs = [tasks.to_messages(dict(prompt=ex["prompt"], answer=t), system_prompt or None)
+                     for ex, t in zip(exs, texts)]
             with autocast:
-                rm_scores = rm.score(convs, tok).float().cpu()
+                rm_scores = score_conversations(rm, convs, tok).float().cpu()
             rewards = rewards + reward_model_weight * rm_scores
             per_func = torch.cat([per_func, rm_scores[None]])
         if overlong_buffer:
-            rewards = rewards + soft_overlong_penalty(g["lengths"].cpu(), max_new_tokens, overlong_buffer, overlong_penalty)
+            rewards = rewards + soft_overlong_penalty(g["lengths"].cpu(), max_new_tokens, overlong_buffer,
+                                                      overlong_penalty)
         return dict(prompts=prompts, tokens=tokens, lengths=g["lengths"], logprobs=logprobs, rewards=rewards,
                     per_func=per_func.T, correct=torch.tensor([float(is_correct(e, t)) for e, t in zip(exs, texts)]),
                     texts=texts, examples=exs)
@@ -435,86 +432,49 @@ if __name__ == "__main__":
         return {k: sum((p[k] for p in parts), []) if isinstance(parts[0][k], list) else torch.cat([p[k] for p in parts])
                 for k in parts[0]}
 
-    if wandb_log and master:
-        import wandb
-        wandb.init(project=wandb_project, name=wandb_run_name, config=config)
-
-    # -------------------------------------------------------------------------
-    # training loop
-    G = num_generations
-    log(f"evaluating on {len(test_examples)} held-out questions (greedy, max_new_tokens={max_new_tokens})")
-    ev0 = ev = evaluate()
-    report(0, ev0)
-    t_start = time.time()
-    total_opt_steps = max_steps * num_iterations
-    opt_step = 0
-    for step in range(1, max_steps + 1):
-        t0 = time.time()
-        # ---- rollouts: this rank's prompts x G completions, scored
+    def sample_groups():
+        """This rank's rollout batch of local_prompts groups. With dynamic sampling (DAPO), groups whose
+        rewards are all equal (zero advantage: no signal) are dropped and more prompts sampled, for at most
+        max_sampling_rounds rounds; if too few survive, dropped groups fill the batch at weight 0, so every
+        rank runs the same number of micro-batches (DDP). Returns (batch, its row weights, every rollout
+        generated this step (for logging), the number of groups kept, the number of rounds)."""
         kept, dropped, generated = [], [], []
-        raw.eval()
-        with fsdp_gathered(raw):  # one gather for all sampling rounds (ranks may do different numbers)
+        raw_model.eval()
+        with fsdp_gathered(raw_model):  # one gather for all sampling rounds (ranks may do different numbers)
             for _ in range(max_sampling_rounds if dynamic_sampling else 1):
                 batch = rollout(next_prompts(local_prompts))
                 generated.append(batch)
-                if dynamic_sampling:  # a group whose rewards are all equal has zero advantage: no signal
-                    alive = batch["rewards"].view(-1, G).std(1) > 0
-                else:
-                    alive = torch.ones(local_prompts, dtype=torch.bool)
+                alive = (batch["rewards"].view(-1, G).std(1) > 0 if dynamic_sampling
+                         else torch.ones(local_prompts, dtype=torch.bool))
                 for g_i in range(local_prompts):
-                    rows = list(range(g_i * G, (g_i + 1) * G))
-                    (kept if alive[g_i] else dropped).append(select(batch, rows))
+                    (kept if alive[g_i] else dropped).append(select(batch, list(range(g_i * G, (g_i + 1) * G))))
                 if len(kept) >= local_prompts:
                     break
-        raw.train()
-        # fill up with dropped groups at zero weight: every rank runs the same number of micro-batches (DDP)
+        raw_model.train()
         groups = kept[:local_prompts] + dropped[:max(0, local_prompts - len(kept))]
         n_kept = min(len(kept), local_prompts)
-        batch = concat(groups)
-        allgen = concat(generated)
-        t_gen = time.time() - t0
-        gen_tokens = int(allgen["lengths"].sum())
-
-        # ---- advantages (per group, on this rank), loss mask, normaliser over the whole step
-        t1 = time.time()
-        adv = group_advantages(batch["rewards"], G, scale_rewards, epsilon_std).to(device)
-        N = int(batch["lengths"].max())
-        lengths = batch["lengths"]
         weight = torch.tensor([1.0] * (n_kept * G) + [0.0] * ((len(groups) - n_kept) * G), device=device)
-        mask = (torch.arange(N, device=device)[None] < lengths[:, None]).float() * weight[:, None]
-        tokens, gen_logp = batch["tokens"][:, :N], batch["logprobs"][:, :N]
-        denom = loss_denominator(mask, loss_type, max_new_tokens).to(torch.float64)
-        if ddp:
-            dist.all_reduce(denom)
-        denom = denom.item()
-        B = tokens.shape[0]
-        micro = [slice(i, min(i + micro_batch_size, B)) for i in range(0, B, micro_batch_size)]
-        ref_logp = [None] * len(micro)
-        if beta > 0:
-            with torch.no_grad(), autocast:
-                if lora is not None:
-                    with lora_disabled(raw):
-                        ref_logp = [completion_logprobs(model, batch["prompts"][s], tokens[s], lengths[s], temperature) for s in micro]
-                else:
-                    ref_logp = [completion_logprobs(ref_model, batch["prompts"][s], tokens[s], lengths[s], temperature) for s in micro]
+        return concat(groups), weight, concat(generated), n_kept, len(generated)
 
-        # ---- num_iterations optimizer steps on this rollout batch
-        # sums over this step's passes and tokens: loss, kl, clipped tokens, tokens, |logp - generate's logp| (first pass)
+    def policy_update(batch, adv, mask, denom, micro, ref_logp, opt_step):
+        """num_iterations optimizer steps on one rollout batch. Returns (sums over the passes and tokens of
+        loss, kl, clipped tokens, tokens and |logp - generate's logp| (first pass), grad_norm, passes made)."""
         stats = dict(loss=0.0, kl=0.0, clipped=0.0, tokens=0.0, logp_diff=0.0)
-        grad_norm = torch.zeros(())
-        passes = 0
+        grad_norm, passes = torch.zeros(()), 0
+        tokens, gen_logp, lengths = batch["tokens"], batch["logprobs"], batch["lengths"]
         for it in range(num_iterations):
             if denom == 0:
                 break  # every group on every rank was dropped: nothing to learn from this batch
             for g in optimizer.param_groups:
-                g["lr"] = lr_at(opt_step, total_opt_steps, lr, warmup_steps, min_lr, lr_schedule)
+                g["lr"] = lr_at(opt_step + it, max_steps * num_iterations, lr, warmup_steps, min_lr, lr_schedule)
             for i, s in enumerate(micro):
-                with grad_sync(i == len(micro) - 1), autocast:
+                with grad_sync(model, i == len(micro) - 1), autocast:
                     logp = completion_logprobs(model, batch["prompts"][s], tokens[s], lengths[s], temperature)
                     # mu = 1: on-policy, the ratio is exactly 1. mu > 1: pi_old is the sampling policy, whose
                     # log-probs generate recorded (they equal a training forward's; tests/test_grpo.py checks)
                     old = None if num_iterations == 1 else gen_logp[s]
-                    per_tok, is_clipped, kl = grpo_token_loss(logp, old, adv[s], ref_logp[i], beta, epsilon, epsilon_high)
+                    per_tok, is_clipped, kl = grpo_token_loss(logp, old, adv[s], ref_logp[i], beta, epsilon,
+                                                              epsilon_high)
                     num = loss_numerator(per_tok, mask[s], loss_type)
                 # DDP and FSDP average gradients over ranks: times world_size gives grad(sum of numerators) / denom
                 (num * (world_size / denom)).backward()
@@ -530,60 +490,108 @@ if __name__ == "__main__":
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if cfg.n_experts:
-                raw.update_moe_bias()
-            opt_step += 1
+                raw_model.update_moe_bias()
             passes += 1
         if ddp:
             t = torch.tensor(list(stats.values()), device=device, dtype=torch.float64)
             dist.all_reduce(t)
             stats = dict(zip(stats, t.tolist()))
-        updated = passes > 0
-        passes = max(passes, 1)
-        n_tok = max(stats["tokens"], 1.0)
-        loss = stats["loss"] / passes  # the mean of the passes' step losses
-        if not math.isfinite(loss):
-            fail(f"non-finite loss ({loss}) at step {step}; no checkpoint was saved. Try a lower --lr (now {lr}).")
-        t_train = time.time() - t1
-        # tokens through the training forward/backward this step (all passes)
-        train_tokens = (sum(len(p) for p in batch["prompts"]) + int(lengths.sum())) * num_iterations if updated else 0
+        return stats, grad_norm, passes
 
-        # ---- logging (rank 0's share of the rollouts for the reward statistics; losses over all ranks)
-        if step % log_interval == 0 or step == max_steps:
-            r = allgen["rewards"]
-            parts = [f"step {step}/{max_steps}", f"loss {loss:.4f}", f"lr {optimizer.param_groups[0]['lr']:.2e}",
-                     f"grad_norm {float(getattr(grad_norm, 'full_tensor', lambda: grad_norm)()):.2f}",
-                     f"tok/s {train_tokens / max(t_train, 1e-9):,.0f}",
-                     f"gen tok/s {gen_tokens / max(t_gen, 1e-9):,.0f}",
-                     f"reward {r.mean():.3f}±{r.std():.3f}"]
-            names = list(reward_funcs) + (["rm"] if rm is not None else [])
-            parts += [f"{n} {v:.3f}" for n, v in zip(names, allgen["per_func"].mean(0).tolist())]
-            valid = allgen["lengths"].float()
-            # entropy: the mean -log pi of the sampled tokens (at the sampling temperature), a Monte Carlo
-            # estimate of the per-token entropy that costs nothing (the fused training loss has no logits)
-            gen_mask = torch.arange(max_new_tokens, device=device)[None] < allgen["lengths"][:, None]
-            entropy = (-(allgen["logprobs"] * gen_mask).sum() / gen_mask.sum()).item()
-            parts += [f"acc {allgen['correct'].mean():.3f}", f"kl {stats['kl'] / n_tok:.4f}",
-                      f"clip {stats['clipped'] / n_tok:.3f}", f"entropy {entropy:.3f}", f"len {valid.mean():.1f}",
-                      f"logp_diff {stats['logp_diff'] / n_tok * passes:.1e}"]
-            if dynamic_sampling:
-                parts.append(f"kept {n_kept}/{local_prompts} groups in {len(generated)} rounds")
-            if not updated:
-                parts.append("no update: every group's rewards were all equal")
-            eta = (time.time() - t_start) / step * (max_steps - step)
-            parts.append(f"eta {int(eta // 60)}m{int(eta % 60):02d}s")
-            log(" | ".join(parts))
-            for ex, text in list(zip(allgen["examples"], allgen["texts"]))[:eval_samples]:
-                log(f"  {ex['prompt'][:80]!r} -> {text[:120]!r} (answer {ex['answer']!r})")
-            if wandb_log and master:
-                wandb.log({"step": step, "train/loss": loss, "train/reward": r.mean().item(), "train/reward_std": r.std().item(),
-                           **{f"train/reward_{n}": v for n, v in zip(names, allgen["per_func"].mean(0).tolist())},
-                           "train/accuracy": allgen["correct"].mean().item(), "train/kl": stats["kl"] / n_tok,
-                           "train/clip_frac": stats["clipped"] / n_tok, "train/entropy": entropy,
-                           "train/completion_len": valid.mean().item(), "lr": optimizer.param_groups[0]["lr"],
-                           "gen_tok/s": gen_tokens / max(t_gen, 1e-9), "train_tok/s": train_tokens / max(t_train, 1e-9)})
-        if (eval_interval and step % eval_interval == 0) or step == max_steps:
+    def log_step(step, stats, grad_norm, passes, allgen, n_kept, n_rounds, train_tokens, t_train, t_gen):
+        """One log line (rank 0's share of the rollouts for the reward statistics; losses over all ranks)."""
+        n_tok, p = max(stats["tokens"], 1.0), max(passes, 1)
+        loss = stats["loss"] / p  # the mean of the passes' step losses
+        gen_tokens = int(allgen["lengths"].sum())
+        r = allgen["rewards"]
+        parts = [f"step {step}/{max_steps}", f"loss {loss:.4f}", f"lr {optimizer.param_groups[0]['lr']:.2e}",
+                 f"grad_norm {float(getattr(grad_norm, 'full_tensor', lambda: grad_norm)()):.2f}",
+                 f"tok/s {train_tokens / max(t_train, 1e-9):,.0f}", f"gen tok/s {gen_tokens / max(t_gen, 1e-9):,.0f}",
+                 f"reward {r.mean():.3f}±{r.std():.3f}"]
+        names = list(reward_funcs) + (["rm"] if rm is not None else [])
+        parts += [f"{n} {v:.3f}" for n, v in zip(names, allgen["per_func"].mean(0).tolist())]
+        # entropy: the mean -log pi of the sampled tokens (at the sampling temperature), a Monte Carlo
+        # estimate of the per-token entropy that costs nothing (the fused training loss has no logits)
+        gen_mask = torch.arange(max_new_tokens, device=device)[None] < allgen["lengths"][:, None]
+        entropy = (-(allgen["logprobs"] * gen_mask).sum() / gen_mask.sum()).item()
+        length = allgen["lengths"].float().mean().item()
+        parts += [f"acc {allgen['correct'].mean():.3f}", f"kl {stats['kl'] / n_tok:.4f}",
+                  f"clip {stats['clipped'] / n_tok:.3f}", f"entropy {entropy:.3f}", f"len {length:.1f}",
+                  f"logp_diff {stats['logp_diff'] / n_tok * p:.1e}"]
+        if dynamic_sampling:
+            parts.append(f"kept {n_kept}/{local_prompts} groups in {n_rounds} rounds")
+        if passes == 0:
+            parts.append("no update: every group's rewards were all equal")
+        eta = (time.time() - t_start) / step * (max_steps - step)
+        parts.append(f"eta {int(eta // 60)}m{int(eta % 60):02d}s")
+        log(" | ".join(parts))
+        for ex, text in list(zip(allgen["examples"], allgen["texts"]))[:eval_samples]:
+            log(f"  {ex['prompt'][:80]!r} -> {text[:120]!r} (answer {ex['answer']!r})")
+        if wandb_log and master:
+            wandb.log({"step": step, "train/loss": loss, "train/reward": r.mean().item(),
+                       "train/reward_std": r.std().item(),
+                       **{f"train/reward_{n}": v for n, v in zip(names, allgen["per_func"].mean(0).tolist())},
+                       "train/accuracy": allgen["correct"].mean().item(), "train/kl": stats["kl"] / n_tok,
+                       "train/clip_frac": stats["clipped"] / n_tok, "train/entropy": entropy,
+                       "train/completion_len": length, "lr": optimizer.param_groups[0]["lr"],
+                       "gen_tok/s": gen_tokens / max(t_gen, 1e-9), "train_tok/s": train_tokens / max(t_train, 1e-9)})
+
+    if wandb_log and master:
+        import wandb
+        wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+
+    # -------------------------------------------------------------------------
+    # training loop: evaluate at the top of an iteration, so step 0, every eval_interval and the last step
+    # take the same path; then one rollout batch and num_iterations optimizer steps on it
+    log(f"evaluating on {len(test_examples)} held-out questions (greedy, max_new_tokens={max_new_tokens})")
+    t_start = time.time()
+    for step in range(max_steps + 1):
+        final = step == max_steps
+        if step == 0 or (eval_interval and step % eval_interval == 0) or final:
             ev = evaluate()
             report(step, ev)
+            if step == 0:
+                ev0 = ev
+        if final:
+            break
+
+        # ---- rollouts: this rank's prompts x G completions, scored
+        t0 = time.time()
+        batch, weight, allgen, n_kept, n_rounds = sample_groups()
+        t_gen = time.time() - t0
+
+        # ---- advantages (per group, on this rank), loss mask, normaliser over the whole step
+        t1 = time.time()
+        adv = group_advantages(batch["rewards"], G, scale_rewards, epsilon_std).to(device)
+        N = int(batch["lengths"].max())
+        batch["tokens"], batch["logprobs"] = batch["tokens"][:, :N], batch["logprobs"][:, :N]
+        mask = (torch.arange(N, device=device)[None] < batch["lengths"][:, None]).float() * weight[:, None]
+        denom = loss_denominator(mask, loss_type, max_new_tokens).to(torch.float64)
+        if ddp:
+            dist.all_reduce(denom)
+        denom = denom.item()
+        B = batch["tokens"].shape[0]
+        micro = [slice(i, min(i + micro_batch_size, B)) for i in range(0, B, micro_batch_size)]
+        ref_logp = [None] * len(micro)
+        if beta > 0:
+            with torch.no_grad(), autocast:
+                args = [(batch["prompts"][s], batch["tokens"][s], batch["lengths"][s], temperature) for s in micro]
+                if lora is not None:
+                    with lora_disabled(raw_model):
+                        ref_logp = [completion_logprobs(model, *a) for a in args]
+                else:
+                    ref_logp = [completion_logprobs(ref_model, *a) for a in args]
+
+        # ---- num_iterations optimizer steps on this rollout batch
+        stats, grad_norm, passes = policy_update(batch, adv, mask, denom, micro, ref_logp, step * num_iterations)
+        if not math.isfinite(stats["loss"]):
+            fail(f"non-finite loss ({stats['loss']}) at step {step + 1}; no checkpoint was saved. "
+                 f"Try a lower --lr (now {lr}).")
+        t_train = time.time() - t1
+        # tokens through the training forward/backward this step (all passes)
+        train_tokens = (sum(len(p) for p in batch["prompts"]) + int(batch["lengths"].sum())) * passes
+        if (step + 1) % log_interval == 0 or step + 1 == max_steps:
+            log_step(step + 1, stats, grad_norm, passes, allgen, n_kept, n_rounds, train_tokens, t_train, t_gen)
 
     if ddp and parallel == "ddp":
         log(f"parameters identical on all {check_replicas_identical(model)} ranks")
@@ -605,6 +613,4 @@ if __name__ == "__main__":
     log(f"held-out accuracy: {ev0[0]:.1%} before GRPO -> {ev[0]:.1%} after ({time.time() - t_start:.0f}s)")
     for t in task_names if len(task_names) > 1 else []:
         log(f"  {t:8s} {ev0[1][t]:6.1%} -> {ev[1][t]:6.1%}")
-    if ddp:
-        dist.barrier()  # leave together: rank 0 may still be writing the checkpoint
-        dist.destroy_process_group()
+    teardown_distributed(ddp)

@@ -3,8 +3,11 @@ The one decoder-only transformer every stage shares.
 
 Llama-family block: pre-norm RMSNorm on the inputs of attention and MLP, a final
 norm before the head, rotary position embeddings, grouped-query attention and a
-SwiGLU MLP, no biases by default; optionally a mixture-of-experts MLP. Also here:
-KV-cache generation, LoRA adapters, parameter/FLOP counting and checkpoint I/O.
+SwiGLU MLP, no biases by default; optionally a mixture-of-experts MLP. Also here: the
+reward model's architecture (the transformer with a scalar head), parameter and FLOP counting,
+and the cached forward that generation.py drives. Around it, each in its own module:
+generation.py (KV cache, sampling), lora.py, checkpoint.py (save, the one loader),
+distributed.py (process setup, DDP/FSDP2), optim.py (AdamW, LR schedules).
 
 The hot ops (attention, RMSNorm, RoPE, SwiGLU, cross-entropy) go through
 kernels.py, which has a plain PyTorch reference for each and a Triton kernel for
@@ -16,15 +19,14 @@ imported from an interleaved-pair model must have their q/k rows permuted.
 """
 
 import math
-import os
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import generation
 import kernels
 
 
@@ -61,17 +63,22 @@ class ModelConfig:
     kernels: str = "auto"          # "auto" (Triton on CUDA) | "triton" | "torch"
 
     def __post_init__(self):
-        assert self.n_embd % self.n_head == 0, f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}"
-        assert self.n_head % self.n_kv_head == 0, f"n_head={self.n_head} must be divisible by n_kv_head={self.n_kv_head}"
-        assert (self.n_embd // self.n_head) % 2 == 0, "head_dim must be even for RoPE"
+        # shape mistakes are config errors (ValueError), never silently "fixed"
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head={self.n_head} must be divisible by n_kv_head={self.n_kv_head}")
+        if (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"head_dim = n_embd / n_head = {self.n_embd // self.n_head} must be even for RoPE")
         if self.ffn_hidden is None:
             h = int(8 * self.n_embd / 3)
             self.ffn_hidden = self.ffn_multiple_of * math.ceil(h / self.ffn_multiple_of)
         if self.moe_ffn_hidden is None:
             self.moe_ffn_hidden = self.ffn_hidden
-        assert self.rope_scaling in (None, "linear", "ntk", "yarn"), f"unknown rope_scaling {self.rope_scaling!r}"
-        if self.n_experts:
-            assert 0 < self.n_experts_per_tok <= self.n_experts
+        if self.rope_scaling not in (None, "linear", "ntk", "yarn"):
+            raise ValueError(f"unknown rope_scaling {self.rope_scaling!r}: use None, linear, ntk or yarn")
+        if self.n_experts and not 0 < self.n_experts_per_tok <= self.n_experts:
+            raise ValueError(f"n_experts_per_tok={self.n_experts_per_tok} must be in 1..n_experts={self.n_experts}")
 
     @property
     def head_dim(self):
@@ -81,7 +88,9 @@ class ModelConfig:
     def from_dict(cls, d):
         names = {f.name for f in fields(cls)}
         unknown = set(d) - names
-        assert not unknown, f"unknown model config keys {sorted(unknown)}"
+        if unknown:
+            raise ValueError(f"unknown model config keys {sorted(unknown)}: the checkpoint was written by another "
+                             f"version of model.py")
         return cls(**d)
 
 
@@ -129,21 +138,6 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         return kernels.rms_norm(x, self.weight, self.eps, impl=self.impl)
-
-
-class KVCache:
-    """Preallocated keys/values for generation: (n_layer, B, n_kv_head, max_len, head_dim).
-
-    `valid[b, j]` says whether cache slot j of row b holds a real token (left padding is invalid).
-    Decode steps attend over the whole buffer under that mask, so every step has the same
-    shapes, which is what torch.compile / CUDA graphs need."""
-
-    def __init__(self, cfg, batch_size, max_len, device, dtype):
-        shape = (cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
-        self.max_len = max_len
 
 
 class Attention(nn.Module):
@@ -429,7 +423,10 @@ class Transformer(nn.Module):
 
     # --- generation ---
 
-    def _step(self, idx, positions, cache, cache_pos):
+    def forward_cached(self, idx, positions, cache, cache_pos):
+        """Generation's forward: idx (B, T) at RoPE positions (B, T), keys/values written into the KV cache
+        (a prefill from slot 0 when cache_pos is None, else one decode token at slot cache_pos); returns the
+        fp32 logits of the last position (B, V)."""
         cos, sin = self._rope(positions, idx.shape[1], idx.device)
         x = self.tok_emb(idx)
         for i, block in enumerate(self.blocks):
@@ -439,118 +436,9 @@ class Transformer(nn.Module):
             logits = self.config.logit_softcap * torch.tanh(logits / self.config.logit_softcap)
         return logits
 
-    @torch.no_grad()
-    def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                 repetition_penalty=1.0, stop_tokens=(), pad_id=0, generator=None, callback=None):
-        """Batched sampling with a KV cache. prompts: a list of token-id lists (any lengths; they are
-        left-padded, and each row gets its own positions) or a (B, P) tensor.
-        temperature 0 is greedy. A row stops after emitting a token in stop_tokens; later slots are pad_id.
-        Returns dict(tokens=(B, N) new tokens, lengths=(B,) new tokens per row incl. the stop token,
-        logprobs=(B, N) log-prob of each sampled token under softmax(logits / temperature) of the raw
-        model — before top-k/top-p/penalty — which is what a training forward at that temperature gives).
-        callback(tokens): if given, called after every sampling step with the (B,) tensor of tokens just
-        sampled (pad_id in rows already finished) — for streaming output (chat.py)."""
-        with fsdp_gathered(self):  # a no-op unless FSDP2-sharded
-            device = self.tok_emb.weight.device
-            if torch.is_tensor(prompts):
-                prompts = prompts.tolist()
-            B, P = len(prompts), max(len(p) for p in prompts)
-            assert min(len(p) for p in prompts) > 0, "every prompt needs at least one token"
-            total = P + max_new_tokens
-            if total > self.config.max_seq_len:
-                raise ValueError(f"prompt ({P}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len={self.config.max_seq_len}")
-            idx = torch.full((B, P), pad_id, dtype=torch.long, device=device)
-            n_pad = torch.tensor([P - len(p) for p in prompts], device=device)
-            for b, p in enumerate(prompts):
-                idx[b, P - len(p):] = torch.tensor(p, device=device)
-            cache = KVCache(self.config, B, total, device, self.tok_emb.weight.dtype if device.type == "cpu" else
-                            (torch.bfloat16 if torch.is_autocast_enabled("cuda") else self.tok_emb.weight.dtype))
-            cache.valid[:, :P] = torch.arange(P, device=device)[None] >= n_pad[:, None]
-            positions = (torch.arange(P, device=device)[None] - n_pad[:, None]).clamp(min=0)
-            stop = torch.tensor(list(stop_tokens) or [-1], device=device)
-            seen = None
-            if repetition_penalty != 1.0:
-                seen = torch.zeros(B, self.config.vocab_size, dtype=torch.bool, device=device)
-                seen.scatter_(1, idx, cache.valid[:, :P])
-            out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
-            logprobs = torch.zeros(B, max_new_tokens, device=device)
-            done = torch.zeros(B, dtype=torch.bool, device=device)
-            lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)
-
-            logits = self._step(idx, positions, cache, None)  # prefill
-            pos = positions[:, -1]
-            slots = torch.arange(P, total, device=device)  # made once: torch.tensor(..., device=cuda) per step syncs
-            for t in range(max_new_tokens):
-                tok, lp = sample_next(logits, temperature, top_k, top_p, repetition_penalty, seen, generator)
-                tok = torch.where(done, torch.full_like(tok, pad_id), tok)
-                out[:, t], logprobs[:, t] = tok, lp.masked_fill(done, 0.0)
-                if callback is not None:
-                    callback(tok)
-                if seen is not None:
-                    seen.scatter_(1, tok[:, None], True)
-                hit = torch.isin(tok, stop) & ~done
-                lengths = torch.where(hit, torch.full_like(lengths, t + 1), lengths)
-                done = done | hit
-                if t == max_new_tokens - 1 or ((t % 8 == 7 or device.type == "cpu") and bool(done.all())):
-                    break  # checking done.all() syncs with the GPU, so only every 8 steps there
-                pos = pos + 1
-                cache.valid[:, P + t] = True
-                logits = self._step(tok[:, None], pos[:, None], cache, slots[t])
-            n = int(lengths.max()) if bool(done.all()) else out.shape[1]
-            return dict(tokens=out[:, :n], lengths=lengths, logprobs=logprobs[:, :n])
-
-
-@contextmanager
-def fsdp_gathered(model):
-    """Hold every FSDP2 layer's full parameters for a stretch of generation (no-op for other models).
-
-    FSDP2 gathers a layer's parameters inside its forward. Generation would then all-gather every
-    layer at every token, never gather the root's own embedding/norm/head (decoding bypasses the root
-    forward), and deadlock when one rank's rows finish earlier than another's. Inside this block there
-    are no collectives, so ranks may make different numbers of generate calls; entering and leaving it
-    are collectives (every rank must do both). generate() enters it itself unless the caller already has."""
-    model = unwrap(model)
-    if not hasattr(model, "unshard") or getattr(model, "_fsdp_gathered", False):
-        yield
-        return
-    model._get_fsdp_state()._lazy_init()  # what the first root forward would do
-    sharded = [m for m in model.modules() if hasattr(m, "unshard")]
-    model.set_reshard_after_forward(False)
-    for m in sharded:
-        m.unshard()
-    model._fsdp_gathered = True
-    try:
-        yield
-    finally:
-        model._fsdp_gathered = False
-        model.set_reshard_after_forward(True)
-        for m in sharded:
-            m.reshard()
-
-
-def sample_next(logits, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0, seen=None, generator=None):
-    """logits (B, V) fp32 -> (token (B,), log-prob of it under softmax(logits / temperature))."""
-    raw = logits
-    if seen is not None and repetition_penalty != 1.0:  # CTRL-style: shrink the logits of tokens already seen
-        penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
-        logits = torch.where(seen, penalised, logits)
-    if temperature == 0:
-        tok = logits.argmax(-1)
-        return tok, F.log_softmax(raw, -1).gather(1, tok[:, None]).squeeze(1)
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        remove = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
-        logits = logits.masked_fill(remove.scatter(1, order, remove), float("-inf"))
-    # inverse-CDF sampling, one uniform per row: exact, and ~30x faster than torch.multinomial on CPU
-    cdf = logits.softmax(-1).double().cumsum(-1)
-    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
-    tok = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=cdf.shape[-1] - 1)
-    return tok, F.log_softmax(raw / temperature, -1).gather(1, tok[:, None]).squeeze(1)
+    def generate(self, prompts, max_new_tokens, **kw):
+        """Batched KV-cache sampling: generation.generate(self, prompts, max_new_tokens, ...)."""
+        return generation.generate(self, prompts, max_new_tokens, **kw)
 
 
 # -----------------------------------------------------------------------------
@@ -587,310 +475,3 @@ class RewardModel(nn.Module):
         h, _ = self.transformer(idx, positions=positions, doc_ids=doc_ids, return_hidden=True)
         h = h[torch.arange(idx.shape[0], device=idx.device), end_idx]
         return self.score_head(h).squeeze(-1).float()
-
-    @classmethod
-    def from_checkpoint(cls, ckpt, device="cpu", **overrides):
-        """A reward model saved by reward.py (a checkpoint_dict of a RewardModel), from a dict or path."""
-        if isinstance(ckpt, str):
-            ckpt = load_checkpoint(ckpt)
-        if "score_head.weight" not in ckpt["model"]:
-            raise ValueError("not a reward-model checkpoint (it has no score_head): train one with `python reward.py`, "
-                             "or put a fresh head on a language model with RewardModel(model_from_checkpoint(path))")
-        model = cls(Transformer(ModelConfig.from_dict({**ckpt["model_config"], **overrides})))
-        model.load_state_dict(ckpt["model"])
-        return model.to(device)
-
-    @torch.no_grad()
-    def score(self, messages_list, tokenizer, batch_size=32):
-        """Rewards (N,) fp32, on the model's device, of conversations (lists of {"role", "content"}) that
-        end with the assistant reply to score, rendered with the ChatML template of data/chat.py and read
-        at that reply's <|im_end|>. A conversation longer than max_seq_len loses its start, not its end."""
-        from data.chat import render
-        device, was_training = self.score_head.weight.device, self.training
-        self.eval()
-        seqs = []
-        for i, msgs in enumerate(messages_list):
-            if not msgs or msgs[-1]["role"] != "assistant":
-                raise ValueError(f"conversation {i}: score() needs conversations ending with the assistant reply to score")
-            ids = render(msgs, tokenizer)[0]
-            end = len(ids) - 1 - ids[::-1].index(tokenizer.im_end_id)
-            seqs.append(ids[:end + 1][-self.config.max_seq_len:])
-        out = []
-        for b in range(0, len(seqs), batch_size):
-            chunk = seqs[b:b + batch_size]
-            idx = torch.full((len(chunk), max(map(len, chunk))), tokenizer.pad_id, dtype=torch.long)
-            for j, s in enumerate(chunk):
-                idx[j, :len(s)] = torch.tensor(s)
-            out.append(self(idx.to(device), torch.tensor([len(s) - 1 for s in chunk], device=device)))
-        self.train(was_training)
-        return torch.cat(out) if out else torch.zeros(0, device=device)
-
-
-
-# dense bf16 peak FLOP/s of one device (vendor spec sheets, without sparsity), for MFU
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12,
-                   "A800": 312e12, "L40S": 362e12, "4090": 165e12}
-
-
-def device_peak_flops(device_name):
-    """The dense bf16 peak of a device named like torch.cuda.get_device_name(), or None if unknown."""
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in device_name), None)
-
-
-# -----------------------------------------------------------------------------
-# LoRA: h = W0 x + (alpha / r) * B A x, A random, B zero, W0 frozen
-
-LORA_TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
-                "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
-
-
-class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Linear, r, alpha, dropout=0.0, rslora=False):
-        super().__init__()
-        self.base = base
-        self.r = r
-        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
-        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=base.weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=base.weight.device))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear inits its weight
-        self.dropout = dropout
-        self.enabled = True   # False: the base model (a free reference model for DPO/GRPO)
-        self.merged = False
-
-    def forward(self, x):
-        y = self.base(x)
-        if self.enabled and not self.merged:
-            h = F.dropout(x, self.dropout, self.training) @ self.lora_A.to(x.dtype).t()
-            y = y + (h @ self.lora_B.to(x.dtype).t()) * self.scaling
-        return y
-
-    @torch.no_grad()
-    def merge(self):
-        if not self.merged:
-            self.base.weight += (self.lora_B @ self.lora_A * self.scaling).to(self.base.weight.dtype)
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self):
-        if self.merged:
-            self.base.weight -= (self.lora_B @ self.lora_A * self.scaling).to(self.base.weight.dtype)
-            self.merged = False
-
-
-def apply_lora(model, targets=("q", "k", "v", "o", "gate", "up", "down"), r=8, alpha=16, dropout=0.0, rslora=False):
-    """Wrap the target linear layers (short names from LORA_TARGETS, or "all") in LoRALinear and freeze
-    everything else. Returns the list of wrapped module names."""
-    if targets == "all" or targets == ("all",):
-        targets = tuple(LORA_TARGETS)
-    unknown = [t for t in targets if t not in LORA_TARGETS]
-    if unknown:
-        raise ValueError(f"unknown LoRA targets {unknown}; choose from {list(LORA_TARGETS)} or 'all'")
-    names = {LORA_TARGETS[t] for t in targets}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    wrapped = []
-    for parent_name, parent in list(model.named_modules()):
-        for child_name, child in list(parent.named_children()):
-            if child_name in names and isinstance(child, nn.Linear):
-                setattr(parent, child_name, LoRALinear(child, r, alpha, dropout, rslora))
-                wrapped.append(f"{parent_name}.{child_name}" if parent_name else child_name)
-    assert wrapped, f"no linear layers named {sorted(names)} found"
-    return wrapped
-
-
-def lora_modules(model):
-    return [m for m in model.modules() if isinstance(m, LoRALinear)]
-
-
-def lora_state_dict(model):
-    """The adapter weights only (small checkpoints)."""
-    return {k: v for k, v in model.state_dict().items() if "lora_A" in k or "lora_B" in k}
-
-
-@contextmanager
-def lora_disabled(model):
-    """Run the base model: inside this block every adapter is off."""
-    mods = lora_modules(model)
-    states = [m.enabled for m in mods]
-    for m in mods:
-        m.enabled = False
-    try:
-        yield
-    finally:
-        for m, s in zip(mods, states):
-            m.enabled = s
-
-
-def merge_lora(model):
-    """Fold every adapter into its base weight and put the plain nn.Linear back (for export)."""
-    for parent in list(model.modules()):
-        for child_name, child in list(parent.named_children()):
-            if isinstance(child, LoRALinear):
-                child.merge()
-                setattr(parent, child_name, child.base)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    return model
-
-
-
-def merged_model(state, model, lora=None):
-    """The plain model a stage exports: `model` (a fresh, unwrapped copy of the trained architecture,
-    e.g. on the CPU) given the adapters described by `lora` (apply_lora's keyword arguments, or None),
-    loaded with the full state dict `state` (as model_state_dict returns it), adapters folded in."""
-    if lora:
-        apply_lora(getattr(model, "transformer", model), **lora)  # a RewardModel adapts its transformer
-    model.load_state_dict(state)
-    return merge_lora(model)
-
-
-# -----------------------------------------------------------------------------
-# checkpoints
-
-def unwrap(model):
-    """The plain module behind DDP / torch.compile wrappers (FSDP2 shards in place, no wrapper)."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
-    return model
-
-
-def model_state_dict(model):
-    """A full, unsharded, CPU state dict on every rank, for DDP, FSDP2 and plain models alike."""
-    model = unwrap(model)
-    if _is_sharded(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-
-
-def save_checkpoint(path, state):
-    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, map_location="cpu"):
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint {path} not found")
-    return torch.load(path, map_location=map_location, weights_only=True)
-
-
-def model_from_checkpoint(ckpt, device="cpu", **overrides):
-    """Build a Transformer from a checkpoint dict (or path) written by any stage.
-    overrides replace model config fields that do not change the weights (kernels, dropout, ...)."""
-    if isinstance(ckpt, str):
-        ckpt = load_checkpoint(ckpt)
-    if "lora_state" in ckpt:
-        # adapter-only checkpoint (sft.py with lora_r > 0): the base checkpoint it names plus the adapters,
-        # returned with LoRA applied (unmerged); merge_lora(model) gives a plain model
-        model = model_from_checkpoint(ckpt["base_checkpoint"], "cpu", **overrides)
-        runtime = ("kernels", "dropout")  # settings that do not change the weights may differ
-        if {k: v for k, v in asdict(model.config).items() if k not in runtime} != \
-                {k: v for k, v in ckpt["model_config"].items() if k not in runtime}:
-            raise ValueError(f"base checkpoint {ckpt['base_checkpoint']} does not have the model config the adapters were trained on")
-        apply_lora(model, **ckpt["lora"])
-        missing, unexpected = model.load_state_dict(ckpt["lora_state"], strict=False)
-        assert not unexpected and not [k for k in missing if "lora_" in k], f"adapter keys do not match: {unexpected or missing}"
-        return model.to(device)
-    cfg = ModelConfig.from_dict({**ckpt["model_config"], **overrides})
-    model = Transformer(cfg)
-    model.load_state_dict(ckpt["model"])
-    return model.to(device)
-
-
-def checkpoint_dict(model, tokenizer_name, **extra):
-    """What every stage saves: model config, full weights, the tokenizer it was trained with, and any
-    training state passed in extra (optimizer, step, data position, RNG states, ...)."""
-    return dict(model_config=asdict(unwrap(model).config), model=model_state_dict(model),
-                tokenizer=tokenizer_name, **extra)
-
-
-# -----------------------------------------------------------------------------
-# training plumbing every stage shares: optimizer, LR schedule, data-parallel wrapping
-
-def configure_optimizer(model, lr, weight_decay, betas=(0.9, 0.95), eps=1e-8, device_type="cpu"):
-    """AdamW over the trainable parameters; weight decay on matrices only (not on norms, biases,
-    embeddings or the MoE selection bias), fused on CUDA."""
-    params = [(n, p) for n, p in unwrap(model).named_parameters() if p.requires_grad]
-    decay = [p for n, p in params if p.dim() >= 2 and "tok_emb" not in n]
-    no_decay = [p for n, p in params if not (p.dim() >= 2 and "tok_emb" not in n)]
-    groups = [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=device_type == "cuda")
-
-
-def lr_at(step, max_steps, lr, warmup_steps=0, min_lr=0.0, schedule="cosine", decay_fraction=0.2):
-    """Learning rate at a step. "cosine": linear warmup, cosine to min_lr at max_steps; "wsd":
-    warmup, stable at lr, linear decay to min_lr over the last decay_fraction of steps; "constant"."""
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    if schedule == "constant":
-        return lr
-    if schedule == "wsd":
-        decay_start = int(max_steps * (1 - decay_fraction))
-        if step < decay_start:
-            return lr
-        return lr + (min_lr - lr) * min(1.0, (step - decay_start) / max(1, max_steps - decay_start))
-    assert schedule == "cosine", f"unknown lr schedule {schedule!r}: use cosine, wsd or constant"
-    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
-
-
-def parallelize(model, strategy, device, mixed_precision=True):
-    """Wrap for data parallelism under torchrun. strategy: "none", "ddp", or "fsdp" (FSDP2 fully_shard
-    per block, then the root; bf16 compute with fp32 reduction on CUDA when mixed_precision).
-    Train through the returned object: its forward is what synchronises gradients."""
-    if strategy == "ddp":
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        # an expert that receives no token in a step has no gradient: DDP must be told to expect that
-        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                   find_unused_parameters=bool(unwrap(model).moe_layers()))
-    if strategy == "fsdp":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        kw = {}
-        if mixed_precision and device.type == "cuda":
-            kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        for block in unwrap(model).blocks:
-            fully_shard(block, **kw)
-        fully_shard(model, **kw)
-        return model
-    assert strategy == "none", f"unknown parallel strategy {strategy!r}: use none, ddp or fsdp"
-    return model
-
-
-def _is_sharded(model):
-    return any(type(p).__name__ == "DTensor" for p in unwrap(model).parameters())
-
-
-def optimizer_state_dict(model, optimizer):
-    """The optimizer state in a form that reloads exactly. Under FSDP2 each sharded state tensor is
-    gathered to its full value (a collective: call it on every rank), so any world size can reload it."""
-    state = optimizer.state_dict()
-    if _is_sharded(model):
-        state["state"] = {i: {k: v.full_tensor().cpu() if type(v).__name__ == "DTensor" else v for k, v in s.items()}
-                          for i, s in state["state"].items()}
-    return state
-
-
-def load_optimizer_state(model, optimizer, state):
-    if _is_sharded(model):  # shard each full state tensor the way its parameter is sharded
-        from torch.distributed.tensor import distribute_tensor
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        state["state"] = {i: {k: distribute_tensor(v.to(params[i].device), params[i].device_mesh, params[i].placements)
-                              if torch.is_tensor(v) and v.shape == params[i].shape else v for k, v in s.items()}
-                          for i, s in state["state"].items()}
-    optimizer.load_state_dict(state)
-
-
-def check_replicas_identical(model):
-    """Under DDP: raise unless every rank holds exactly the same parameters. Replicas drift apart when a
-    training forward bypasses the DDP wrapper (e.g. calling model.module), which skips gradient sync.
-    A collective: call it on every rank. Returns the number of ranks compared."""
-    sums = torch.stack([p.detach().double().sum() for p in unwrap(model).parameters()])
-    gathered = [torch.empty_like(sums) for _ in range(torch.distributed.get_world_size())]
-    torch.distributed.all_gather(gathered, sums)
-    if not all(torch.equal(g, sums) for g in gathered):
-        raise RuntimeError(f"DDP replicas diverged: parameters differ on rank {torch.distributed.get_rank()}; "
-                           f"gradients were not synchronised (does every training forward go through the wrapper?)")
-    return len(gathered)

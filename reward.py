@@ -14,17 +14,19 @@ constant plus score_margin * (score_c - score_r) where the data has scores; rewa
 center_coef * (r_c + r_r)^2, which keeps rewards near 0 so they can be compared across prompts.
 Validation reports pairwise accuracy (ties count half), mean margin, reward mean/std.
 
-The output, out/reward/ckpt.pt, loads with model.RewardModel.from_checkpoint(path) and
-scores conversations with .score(messages_list, tokenizer) (grpo.py's learned reward).
+The output, out/reward/ckpt.pt, loads with checkpoint.load_model(path, kind="reward"), and
+score_conversations(reward_model, messages_list, tokenizer) below scores conversations with it
+(grpo.py's learned reward).
 """
 
 import math
 import os
 import time
-from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
+
+from optim import SCHEDULES
 
 # -----------------------------------------------------------------------------
 # the objective: pure functions of reward tensors
@@ -62,6 +64,32 @@ def reward_loss(rewards, group_sizes, margins=None, center_coef=0.0):
     return (weight * losses).sum() / len(group_sizes), diff
 
 
+@torch.no_grad()
+def score_conversations(reward_model, messages_list, tokenizer, batch_size=32):
+    """Rewards (N,) fp32, on the model's device, of conversations (lists of {"role", "content"}) that end with
+    the assistant reply to score, rendered with the chat template (data/chat.py) and read at that reply's
+    end-of-turn token. A conversation longer than max_seq_len loses its start, not its end."""
+    from data.chat import render
+    device, was_training = reward_model.score_head.weight.device, reward_model.training
+    reward_model.eval()
+    seqs = []
+    for i, msgs in enumerate(messages_list):
+        if not msgs or msgs[-1]["role"] != "assistant":
+            raise ValueError(f"conversation {i}: scoring needs conversations ending with the assistant reply to score")
+        ids = render(msgs, tokenizer)[0]
+        end = len(ids) - 1 - ids[::-1].index(tokenizer.im_end_id)
+        seqs.append(ids[:end + 1][-reward_model.config.max_seq_len:])
+    out = []
+    for b in range(0, len(seqs), batch_size):
+        chunk = seqs[b:b + batch_size]
+        idx = torch.full((len(chunk), max(map(len, chunk))), tokenizer.pad_id, dtype=torch.long)
+        for j, s in enumerate(chunk):
+            idx[j, :len(s)] = torch.tensor(s)
+        out.append(reward_model(idx.to(device), torch.tensor([len(s) - 1 for s in chunk], device=device)))
+    reward_model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, device=device)
+
+
 # -----------------------------------------------------------------------------
 # config: every global below can be set from a config file or --key=value
 out_dir = "out/reward"
@@ -76,10 +104,11 @@ val_fraction = 0.05
 skip_bad = False           # skip (and count) malformed records instead of stopping
 max_records = -1           # use at most this many training records (-1: all)
 max_val_records = 2000
-max_len = -1               # longest prompt + response in tokens (-1: the model's max_seq_len); longer records are dropped
+max_len = -1               # longest prompt + response in tokens (-1: the model's max_seq_len); longer ones dropped
 task_pairs = 8000          # "tasks": number of (correct, wrong) training pairs (fresh pairs beat a second epoch)
 task_val_pairs = 500
-sampled_pairs = 0          # "tasks": also sample this many questions from the init model, pair its mistakes with correct answers
+sampled_pairs = 0          # "tasks": also sample this many questions from the init model, pair its mistakes with
+                           # correct answers
 num_samples = 4            # samples per question for sampled_pairs
 sample_temperature = 1.0
 # objective
@@ -118,35 +147,35 @@ wandb_project = "reward"
 wandb_run_name = "run"
 
 
-# the run; importing this file (as the tests do) defines the objectives above and runs nothing
-def main():
+# what the configurator accepts (checked before any work is done)
+_choices = dict(lr_schedule=SCHEDULES, parallel=("ddp", "fsdp"), device=("auto", "cpu", "cuda"),
+                kernels=("auto", "triton", "torch"))
+_ranges = dict(val_fraction="(0, 1)", max_records="[1, inf) or -1", max_val_records="[1, inf)",
+               max_len="[1, inf) or -1", task_pairs="[1, inf)", task_val_pairs="[1, inf)", sampled_pairs="[0, inf)",
+               num_samples="[1, inf)", sample_temperature="(0, inf)", score_margin="[0, inf)",
+               center_coef="[0, inf)", lora_r="[0, inf)", lora_alpha="(0, inf)", lora_dropout="[0, 1)",
+               batch_size="[1, inf)", grad_accum="[1, inf)", num_epochs="(0, inf)", max_steps="[1, inf) or -1",
+               lr="(0, inf)", min_lr="[0, inf)", warmup_steps="[0, inf)", weight_decay="[0, inf)", beta1="[0, 1)",
+               beta2="[0, 1)", grad_clip="[0, inf)", log_interval="[1, inf)", eval_interval="[1, inf)")
+
+if __name__ == "__main__":
     from configs import configure
     config = configure(globals())
 
     import torch.distributed as dist
 
+    from checkpoint import checkpoint_dict, load_model, model_state_dict, save_checkpoint
     from data import tasks
     from data.preference import (encode_records, load_preferences, pad_batch, sampled_task_pairs, split_off,
                                  task_pairs as make_task_pairs)
     from data.tokenizer import get_tokenizer
-    from model import (ModelConfig, RewardModel, Transformer, apply_lora, check_replicas_identical, checkpoint_dict,
-                       configure_optimizer, load_checkpoint, lr_at, merged_model, model_state_dict, parallelize,
-                       save_checkpoint)
+    from distributed import check_replicas_identical, grad_sync, parallelize, setup_distributed, teardown_distributed
+    from lora import apply_lora, merged_model
+    from model import RewardModel, Transformer
+    from optim import configure_optimizer, lr_at
 
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    if ddp:
-        dist.init_process_group("nccl" if torch.cuda.is_available() and device != "cpu" else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        local_rank = int(os.environ["LOCAL_RANK"])
-    else:
-        rank, world, local_rank = 0, 1, 0
+    ddp, rank, world_size, device, autocast = setup_distributed(device)
     master = rank == 0
-    dev = torch.device(f"cuda:{local_rank}" if (device == "cuda" or (device == "auto" and torch.cuda.is_available()))
-                       else "cpu")
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-        torch.backends.cuda.matmul.allow_tf32 = True
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
     torch.manual_seed(seed)
     log = print if master else (lambda *a, **k: None)
 
@@ -154,14 +183,12 @@ def main():
     if not os.path.exists(init_from):
         raise SystemExit(f"init_from={init_from} not found: run `python pretrain.py` then `python sft.py` first, "
                          f"or point --init_from at a language-model checkpoint")
-    ckpt = load_checkpoint(init_from)
-    if "score_head.weight" in ckpt["model"]:
-        raise SystemExit(f"{init_from} is already a reward model; init_from wants a language-model checkpoint")
+    try:
+        lm, ckpt = load_model(init_from, kernels=kernels)
+    except ValueError as e:  # e.g. a reward model where a language model is needed
+        raise SystemExit(f"reward: init_from: {e}")
     tok_name = ckpt["tokenizer"]
     tok = get_tokenizer(tok_name)
-    lm = Transformer(ModelConfig.from_dict({**ckpt["model_config"], "kernels": kernels}))
-    lm.load_state_dict(ckpt["model"])
-    del ckpt
     seq_cap = lm.config.max_seq_len if max_len < 0 else min(max_len, lm.config.max_seq_len)
 
     # data -----------------------------------------------------------------------------------
@@ -169,7 +196,7 @@ def main():
         train_records = make_task_pairs(task_pairs, "train", seed)
         val_records = make_task_pairs(task_val_pairs, "test", seed)
         if sampled_pairs:
-            lm.to(dev).eval()
+            lm.to(device).eval()
             with autocast:
                 extra = sampled_task_pairs(lm, tok, tasks.generate(sampled_pairs, "train", seed + 1), num_samples,
                                            sample_temperature, seed=seed)
@@ -185,25 +212,26 @@ def main():
     train_set = encode_records(train_records, tok, seq_cap, verbose=master, what="train")
     val_set = encode_records(val_records[:max_val_records], tok, seq_cap, verbose=master, what="val")
     n_resp = sum(len(r["responses"]) for r in train_set) / len(train_set)
-    steps = max_steps if max_steps > 0 else max(1, math.ceil(num_epochs * len(train_set) / (batch_size * grad_accum * world)))
+    prompts_per_step = batch_size * grad_accum * world_size
+    steps = max_steps if max_steps > 0 else max(1, math.ceil(num_epochs * len(train_set) / prompts_per_step))
 
     model = RewardModel(lm)
     if lora_r > 0:
-        targets = "all" if lora_targets == "all" else tuple(t.strip() for t in lora_targets.split(","))
-        apply_lora(model.transformer, targets, lora_r, lora_alpha, lora_dropout)
+        apply_lora(model.transformer, lora_targets, lora_r, lora_alpha, lora_dropout)
         model.score_head.requires_grad_(True)  # the head is new: always trained
     model.transformer.activation_checkpointing = activation_checkpointing
-    model.to(dev)
-    raw = model
-    n_train = sum(p.numel() for p in raw.parameters() if p.requires_grad)
-    model = parallelize(model, parallel if ddp else "none", dev)
-    optimizer = configure_optimizer(model, lr, weight_decay, (beta1, beta2), device_type=dev.type)
+    model.to(device)
+    raw_model = model
+    n_train = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
+    model = parallelize(model, parallel if ddp else "none", device)
+    optimizer = configure_optimizer(model, lr, weight_decay, (beta1, beta2), device_type=device.type)
     if compile:
         model = torch.compile(model)
-    log(f"reward model from {init_from}: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M params, "
-        f"{n_train / 1e6:.2f}M trained{f' (LoRA r={lora_r})' if lora_r else ''} | data {data}: {len(train_set)} train / "
-        f"{len(val_set)} val records, {n_resp:.1f} responses each | {steps} steps x {batch_size * grad_accum * world} "
-        f"prompts = {steps * batch_size * grad_accum * world / len(train_set):.2f} epochs | device {dev} x {world}")
+    log(f"reward model from {init_from}: {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M params, "
+        f"{n_train / 1e6:.2f}M trained{f' (LoRA r={lora_r})' if lora_r else ''} | "
+        f"data {data}: {len(train_set)} train / "
+        f"{len(val_set)} val records, {n_resp:.1f} responses each | {steps} steps x {prompts_per_step} "
+        f"prompts = {steps * prompts_per_step / len(train_set):.2f} epochs | device {device} x {world_size}")
     if wandb_log and master:
         import wandb
         wandb.init(project=wandb_project, name=wandb_run_name, config=config)
@@ -211,19 +239,19 @@ def main():
     def batch_tensors(records):
         """All responses of the records in one batch (best first per record), their group sizes, margins."""
         seqs = [s for r in records for s in r["tokens"]]
-        idx, _, end_idx = pad_batch(seqs, tok.pad_id, dev)
+        idx, _, end_idx = pad_batch(seqs, tok.pad_id, device)
         sizes = [len(r["tokens"]) for r in records]
         m = []
         for r in records:
             k, s = len(r["responses"]), r.get("scores")
             m += [margin + (score_margin * (s[i] - s[j]) if s else 0.0) for i in range(k) for j in range(i + 1, k)]
-        return idx, end_idx, sizes, torch.tensor(m, device=dev)
+        return idx, end_idx, sizes, torch.tensor(m, device=device)
 
     perms = {}
 
     def train_records_at(step, micro):
         """This rank's records for (step, micro): consecutive slices of a seeded per-epoch permutation."""
-        first = ((step * grad_accum + micro) * world + rank) * batch_size
+        first = ((step * grad_accum + micro) * world_size + rank) * batch_size
         out = []
         for g in range(first, first + batch_size):
             epoch, i = divmod(g, len(train_set))
@@ -237,8 +265,8 @@ def main():
     def evaluate():
         """Pairwise accuracy (ties half), mean margin, reward mean/std over the val set, split across ranks."""
         model.eval()
-        stats = torch.zeros(6, device=dev, dtype=torch.float64)
-        per_iter = batch_size * world
+        stats = torch.zeros(6, device=device, dtype=torch.float64)
+        per_iter = batch_size * world_size
         for it in range(math.ceil(len(val_set) / per_iter)):  # the same count on every rank (FSDP needs it)
             recs = val_set[it * per_iter + rank * batch_size:][:batch_size]
             w = 1.0 if recs else 0.0
@@ -247,9 +275,9 @@ def main():
                 r = model(idx, end_idx).double()
             _, diff = reward_loss(r, sizes)
             stats += w * torch.stack([((diff > 0).double() + 0.5 * (diff == 0).double()).sum(),
-                                      torch.tensor(float(diff.numel()), device=dev, dtype=torch.float64),
+                                      torch.tensor(float(diff.numel()), device=device, dtype=torch.float64),
                                       diff.sum(), r.sum(), (r * r).sum(),
-                                      torch.tensor(float(r.numel()), device=dev, dtype=torch.float64)])
+                                      torch.tensor(float(r.numel()), device=device, dtype=torch.float64)])
         if ddp:
             dist.all_reduce(stats)
         model.train()
@@ -261,30 +289,37 @@ def main():
         return (f"accuracy {m['accuracy']:.4f} | margin {m['margin']:.3f} | reward mean {m['reward_mean']:.3f} "
                 f"std {m['reward_std']:.3f}")
 
-    # training -------------------------------------------------------------------------------
-    m0 = evaluate()
-    log(f"step 0: val {fmt(m0)}")
+    # training: evaluate at the top of an iteration, so step 0, every eval_interval and the last step take
+    # the same path -----------------------------------------------------------------------------
     model.train()
     t_start = t_log = time.time()
     tokens = 0
     acc_sum = marg_sum = n_pairs = 0.0
-    for step in range(steps):
+    for step in range(steps + 1):
+        final = step == steps
+        if step % eval_interval == 0 or final:
+            m = evaluate()
+            log(f"step {step}: val {fmt(m)}")
+            if step == 0:
+                m0 = m
+            elif wandb_log and master:
+                wandb.log({f"val/{k}": v for k, v in m.items()}, step=step)
+            t_log = time.time()  # evaluation time is not training throughput
+        if final:
+            break
+
         cur_lr = lr_at(step, steps, lr, warmup_steps, min_lr, lr_schedule)
         for group in optimizer.param_groups:
             group["lr"] = cur_lr
         step_loss = 0.0
         for micro in range(grad_accum):
             idx, end_idx, sizes, margins = batch_tensors(train_records_at(step, micro))
-            if ddp and parallel == "ddp":
-                model.require_backward_grad_sync = micro == grad_accum - 1  # sync on the last micro-step only
-            elif ddp and parallel == "fsdp":
-                raw.set_requires_gradient_sync(micro == grad_accum - 1)
-            with autocast:
+            with grad_sync(model, micro == grad_accum - 1), autocast:
                 rewards = model(idx, end_idx)  # chosen and rejected (all K ranked) in one forward
                 loss, diff = reward_loss(rewards, sizes, margins, center_coef)
-                aux = raw.transformer.moe_aux_loss()
-                if aux is not None and raw.config.moe_aux_loss_coef > 0:
-                    loss = loss + raw.config.moe_aux_loss_coef * aux
+                aux = raw_model.transformer.moe_aux_loss()
+                if aux is not None and raw_model.config.moe_aux_loss_coef > 0:
+                    loss = loss + raw_model.config.moe_aux_loss_coef * aux
             (loss / grad_accum).backward()
             step_loss += loss.item() / grad_accum
             tokens += (idx != tok.pad_id).sum().item()
@@ -292,49 +327,40 @@ def main():
             marg_sum += diff.sum().item()
             n_pairs += diff.numel()
         if not math.isfinite(step_loss):
-            raise SystemExit(f"non-finite loss at step {step + 1}: stopping without saving. Lower lr, or check the data")
+            raise SystemExit(f"non-finite loss at step {step + 1}: stopping without saving. "
+                             f"Lower lr, or check the data")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        raw.update_moe_bias()
+        raw_model.update_moe_bias()
         done = step + 1
         if done % log_interval == 0 or done == steps:
             if ddp:  # the logged step loss and the window's pair stats over all ranks
-                t = torch.tensor([step_loss / world, acc_sum, marg_sum, n_pairs], device=dev, dtype=torch.float64)
+                t = torch.tensor([step_loss / world_size, acc_sum, marg_sum, n_pairs], device=device,
+                                 dtype=torch.float64)
                 dist.all_reduce(t)
                 step_loss, acc_sum, marg_sum, n_pairs = t.tolist()
             dt = time.time() - t_log
             eta = (steps - done) * (time.time() - t_start) / done
             log(f"step {done}/{steps} | loss {step_loss:.4f} | lr {cur_lr:.2e} | grad_norm {grad_norm.item():.2f} | "
-                f"tok/s {tokens * world / dt:,.0f} | acc {acc_sum / n_pairs:.3f} | margin {marg_sum / n_pairs:.3f} | "
-                f"eta {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
+                f"tok/s {tokens * world_size / dt:,.0f} | acc {acc_sum / n_pairs:.3f} | "
+                f"margin {marg_sum / n_pairs:.3f} | eta {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
             if wandb_log and master:
                 wandb.log({"loss": step_loss, "lr": cur_lr, "grad_norm": grad_norm.item(),
                            "train/accuracy": acc_sum / n_pairs, "train/margin": marg_sum / n_pairs}, step=done)
             t_log, tokens, acc_sum, marg_sum, n_pairs = time.time(), 0, 0.0, 0.0, 0.0
-        if done % eval_interval == 0 or done == steps:
-            m = evaluate()
-            log(f"step {done}: val {fmt(m)}")
-            if wandb_log and master:
-                wandb.log({f"val/{k}": v for k, v in m.items()}, step=done)
 
     if ddp and parallel == "ddp":
         log(f"parameters identical on all {check_replicas_identical(model)} ranks")
 
-    # save: a plain RewardModel (LoRA merged), loadable by RewardModel.from_checkpoint ---------
+    # save: a plain RewardModel (LoRA merged), loadable by load_model(path, kind="reward") ---------
     state = model_state_dict(model)  # every rank joins the gather under FSDP
     if master:
-        lora = dict(targets=targets, r=lora_r, alpha=lora_alpha, dropout=lora_dropout) if lora_r > 0 else None
-        final = merged_model(state, RewardModel(Transformer(raw.config)), lora)
+        lora = dict(targets=lora_targets, r=lora_r, alpha=lora_alpha, dropout=lora_dropout) if lora_r > 0 else None
+        final = merged_model(state, RewardModel(Transformer(raw_model.config)), lora)
         path = os.path.join(out_dir, "ckpt.pt")
         save_checkpoint(path, checkpoint_dict(final, tok_name, step=steps, config=config, val_metrics=m,
                                               init_from=init_from))
         print(f"saved {path} | held-out pairwise accuracy {m0['accuracy']:.4f} -> {m['accuracy']:.4f} "
               f"({time.time() - t_start:.0f}s)")
-    if ddp:
-        dist.barrier()  # leave together: rank 0 may still be writing the checkpoint
-        dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    main()
+    teardown_distributed(ddp)

@@ -25,19 +25,17 @@ import math
 import os
 import random
 import time
-from contextlib import nullcontext
 from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
 
-from data import tasks
-from data.chat import BadRecord, load_conversations, render_prompt
-from data.sft_data import collate_padded, micro_batches, tokenize_conversations
-from data.tokenizer import get_tokenizer
-from model import (Transformer, apply_lora, check_replicas_identical, checkpoint_dict, configure_optimizer,
-                   fsdp_gathered, load_checkpoint, lora_modules, lr_at, merge_lora, merged_model, model_from_checkpoint,
-                   model_state_dict, parallelize, save_checkpoint, unwrap)
+from checkpoint import checkpoint_dict, load_model, model_state_dict, save_checkpoint
+from distributed import (check_replicas_identical, fsdp_gathered, grad_sync, parallelize, setup_distributed,
+                         teardown_distributed, unwrap)
+from lora import apply_lora, lora_modules, merge_lora, merged_model
+from model import Transformer
+from optim import SCHEDULES, configure_optimizer, lr_at
 
 # -----------------------------------------------------------------------------
 # config
@@ -45,10 +43,11 @@ from model import (Transformer, apply_lora, check_replicas_identical, checkpoint
 init_from = "out/pretrain/ckpt.pt"  # any full or adapter checkpoint
 out_dir = "out/sft"
 # data
-data = "tasks"             # "tasks" (data/tasks.py) | local .json/.jsonl/.parquet files (comma-separated, dir, glob) | hub dataset
+data = "tasks"             # "tasks" (data/tasks.py) | local .json/.jsonl/.parquet files (comma-separated, dir,
+                           # glob) | a hub dataset
 data_split = "train"       # split of a hub dataset
 n_train = 40000            # tasks: number of training questions
-val_data = ""              # held-out conversations; "" = the last val_size conversations of data (tasks: the test split)
+val_data = ""              # held-out conversations; "" = val_size conversations held out of data (tasks: test split)
 val_size = 200             # held-out conversations for the validation loss
 skip_bad = False           # skip malformed records (with a count) instead of stopping at the first
 packing = True             # pack conversations into rows of max_seq_len (else pad length-grouped batches)
@@ -85,260 +84,255 @@ log_interval = 10
 # system
 seed = 1337
 parallel = "ddp"           # under torchrun: ddp | fsdp
+device = "auto"            # auto | cpu | cuda
 kernels = "auto"           # auto | triton | torch
 compile = False
 wandb_log = False
 wandb_project = "sft"
 wandb_run_name = "sft"
-# -----------------------------------------------------------------------------
-from configs import configure  # noqa: E402
-config = configure(globals())
+# what the configurator accepts (checked before any work is done)
+_choices = dict(lr_schedule=SCHEDULES, parallel=("ddp", "fsdp"), device=("auto", "cpu", "cuda"),
+                kernels=("auto", "triton", "torch"))
+_ranges = dict(n_train="[1, inf)", val_size="[1, inf)", max_seq_len="[1, inf) or 0", batch_size="[1, inf)",
+               grad_accum="[1, inf)", max_steps="[1, inf)", lr="(0, inf)", min_lr="[0, inf)", warmup_steps="[0, inf)",
+               weight_decay="[0, inf)", beta1="[0, 1)", beta2="[0, 1)", adam_eps="(0, inf)", grad_clip="[0, inf)",
+               lora_r="[0, inf)", lora_alpha="(0, inf)", lora_dropout="[0, 1)", neftune_alpha="[0, inf)",
+               eval_interval="[0, inf)", eval_accuracy_size="[0, inf)", eval_samples="[0, inf)",
+               eval_max_new_tokens="[1, inf)", log_interval="[1, inf)")
 
-# -----------------------------------------------------------------------------
-# distributed setup
-ddp = int(os.environ.get("RANK", -1)) != -1
-if ddp:
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-    device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-else:
-    rank, world_size = 0, 1
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-master = rank == 0
-log = print if master else (lambda *a, **k: None)
-autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
+if __name__ == "__main__":
+    from configs import configure
+    config = configure(globals())
 
-# -----------------------------------------------------------------------------
-# model and tokenizer
-if not os.path.exists(init_from):
-    hint = "python pretrain.py" if init_from == "out/pretrain/ckpt.pt" else "the stage that writes it"
-    raise SystemExit(f"sft: init checkpoint {init_from} not found. Run `{hint}` first, or pass --init_from=PATH.")
-ckpt = load_checkpoint(init_from)
-tok = get_tokenizer(ckpt["tokenizer"])
-model = model_from_checkpoint(ckpt, "cpu", kernels=kernels)
-del ckpt
-if lora_modules(model):
-    merge_lora(model)  # starting from an adapter checkpoint: fine-tune the merged model
-cfg = model.config
-max_seq_len = min(max_seq_len or cfg.max_seq_len, cfg.max_seq_len)
+    ddp, rank, world_size, device, autocast = setup_distributed(device)
+    master = rank == 0
+    log = print if master else (lambda *a, **k: None)
+    from data import tasks
+    from data.chat import BadRecord, load_conversations, render_prompt
+    from data.sft_data import collate_padded, micro_batches, tokenize_conversations
+    from data.tokenizer import get_tokenizer
 
-lora = None
-if lora_r > 0:
-    targets = "all" if lora_targets == "all" else tuple(t.strip() for t in lora_targets.split(","))
-    lora = dict(targets=targets, r=lora_r, alpha=lora_alpha, dropout=lora_dropout, rslora=lora_rslora)
-    torch.manual_seed(seed)  # the same adapter init on every rank (FSDP does not broadcast parameters)
-    apply_lora(model, **lora)
-torch.manual_seed(seed + rank)
+    # -----------------------------------------------------------------------------
+    # model and tokenizer
+    if not os.path.exists(init_from):
+        hint = "python pretrain.py" if init_from == "out/pretrain/ckpt.pt" else "the stage that writes it"
+        raise SystemExit(f"sft: init checkpoint {init_from} not found. Run `{hint}` first, or pass --init_from=PATH.")
+    model, ckpt = load_model(init_from, "cpu", kernels=kernels)
+    tok = get_tokenizer(ckpt["tokenizer"])
+    if lora_modules(model):
+        merge_lora(model)  # starting from an adapter checkpoint: fine-tune the merged model
+    cfg = model.config
+    max_seq_len = min(max_seq_len or cfg.max_seq_len, cfg.max_seq_len)
 
-if neftune_alpha > 0:
-    def neftune(module, inputs, emb):
-        # NEFTune (Jain et al. 2023): noise only while training, so eval and generation see clean embeddings
-        if not module.training:
-            return emb
-        scale = neftune_alpha / math.sqrt(emb.shape[-2] * emb.shape[-1])
-        return emb + torch.empty_like(emb).uniform_(-scale, scale)
-    model.tok_emb.register_forward_hook(neftune)
+    lora = None
+    if lora_r > 0:
+        lora = dict(targets=lora_targets, r=lora_r, alpha=lora_alpha, dropout=lora_dropout, rslora=lora_rslora)
+        torch.manual_seed(seed)  # the same adapter init on every rank (FSDP does not broadcast parameters)
+        apply_lora(model, **lora)
+    torch.manual_seed(seed + rank)
 
-model.to(device)
-n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-log(f"init from {init_from}: {model.num_params() / 1e6:.2f}M params, {n_trainable / 1e6:.3f}M trainable"
-    f"{f' (LoRA r={lora_r} on {lora_targets})' if lora else ''}, tokenizer {tok.name}, device {device}, world {world_size}")
+    if neftune_alpha > 0:
+        def neftune(module, inputs, emb):
+            # NEFTune (Jain et al. 2023): noise only while training, so eval and generation see clean embeddings
+            if not module.training:
+                return emb
+            scale = neftune_alpha / math.sqrt(emb.shape[-2] * emb.shape[-1])
+            return emb + torch.empty_like(emb).uniform_(-scale, scale)
+        model.tok_emb.register_forward_hook(neftune)
 
-# -----------------------------------------------------------------------------
-# data
-test_examples = []  # tasks only: held-out questions for exact-match accuracy
-if data == "tasks":
-    train_convs = [tasks.to_messages(ex) for ex in tasks.generate(n_train, "train", seed=seed)]
-    test_examples = tasks.generate(max(val_size, eval_accuracy_size), "test", seed=0)
-    val_convs = [tasks.to_messages(ex) for ex in test_examples[:val_size]]
-    test_examples = test_examples[:eval_accuracy_size]
-else:
-    try:
-        train_convs = load_conversations(data, split=data_split, skip_bad=skip_bad, log=log)
-        val_convs = load_conversations(val_data, split=data_split, skip_bad=skip_bad, log=log) if val_data else None
-    except (BadRecord, FileNotFoundError) as e:
-        raise SystemExit(f"sft: bad training data: {e}")
-    if not val_data:
-        if val_size >= len(train_convs):
-            raise SystemExit(f"sft: val_size={val_size} leaves no training data of {len(train_convs)} conversations; "
-                             f"lower --val_size or pass --val_data")
-        random.Random(seed).shuffle(train_convs)  # a held-out set that is not just the end of the file
-        train_convs, val_convs = train_convs[:len(train_convs) - val_size], train_convs[len(train_convs) - val_size:]
-train, n_trunc, n_drop = tokenize_conversations(train_convs, tok, max_seq_len)
-val, _, _ = tokenize_conversations(val_convs, tok, max_seq_len)
-n_targets = sum(sum(t != -100 for t in y) for _, y in train)
-log(f"data {data}: {len(train)} train conversations ({sum(len(x) for x, _ in train):,} tokens, {n_targets:,} trained), "
-    f"{len(val)} val; {n_trunc} truncated to {max_seq_len}, {n_drop} dropped with nothing left to train")
-if not train:
-    raise SystemExit("sft: no training conversations left")
-batches = micro_batches(train, batch_size, max_seq_len, tok.pad_id, packing=packing, seed=seed)
+    model.to(device)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(f"init from {init_from}: {model.num_params() / 1e6:.2f}M params, {n_trainable / 1e6:.3f}M trainable"
+        f"{f' (LoRA r={lora_r} on {lora_targets})' if lora else ''}, tokenizer {tok.name}, device {device}, "
+        f"world {world_size}")
 
-# -----------------------------------------------------------------------------
-# training setup
-model = parallelize(model, parallel if ddp else "none", device)
-# after parallelize: FSDP2 replaces the parameters with sharded ones, which the optimizer must hold
-optimizer = configure_optimizer(model, lr, weight_decay, (beta1, beta2), adam_eps, device.type)
-if compile:
-    model = torch.compile(model)
-raw = unwrap(model)
-
-
-def grad_sync(last):
-    # accumulate locally and communicate once per optimizer step, on its last micro-batch
-    if ddp and parallel == "ddp" and not last:
-        return model.no_sync()
-    if ddp and parallel == "fsdp":
-        model.set_requires_gradient_sync(last)
-    return nullcontext()
-
-
-def to_device(mb):
-    return {k: v.to(device, non_blocking=True) for k, v in mb.items()}
-
-
-@torch.no_grad()
-def evaluate():
-    """Validation loss per target token, exact-match accuracy per task (tasks data), a few sampled replies.
-    Every rank runs the same evaluation (FSDP needs all ranks in every forward); rank 0 prints."""
-    model.eval()
-    out = {}
-    loss_sum, n = 0.0, 0
-    for i in range(0, len(val), batch_size):
-        mb = to_device(collate_padded(val[i:i + batch_size], tok.pad_id))
-        with autocast:
-            _, loss = model(mb["idx"], mb["targets"], reduction="sum")
-        loss_sum, n = loss_sum + loss.item(), n + int((mb["targets"] != -100).sum())
-    out["val_loss"] = loss_sum / max(n, 1)
-    gen_kw = dict(stop_tokens=(tok.im_end_id,), pad_id=tok.pad_id)
-    with fsdp_gathered(raw), autocast:
-        if test_examples:
-            out["accuracy"], out["accuracy_per_task"] = tasks.exact_match(
-                raw, tok, test_examples, eval_max_new_tokens, rank=rank, world_size=world_size)
-        samples = []
-        for msgs in val_convs[:eval_samples]:
-            first = next(j for j, m in enumerate(msgs) if m["role"] == "assistant")
-            prompt = render_prompt(msgs[:first], tok)
-            budget = min(eval_max_new_tokens, cfg.max_seq_len - len(prompt))
-            if budget <= 0:
-                continue
-            gen = torch.Generator(device=device).manual_seed(seed)
-            g = raw.generate([prompt], budget, temperature=0.7, top_p=0.9, generator=gen, **gen_kw)
-            reply = tok.decode([t for t in g["tokens"][0, :g["lengths"][0]].tolist() if t != tok.im_end_id])
-            samples.append((msgs[first - 1]["content"], reply))
-        out["samples"] = samples
-    model.train()
-    return out
-
-
-def report(step, ev):
-    acc = ""
-    if "accuracy" in ev:
-        per_task = " ".join(f"{t} {a:.0%}" for t, a in ev["accuracy_per_task"].items())
-        acc = f" | accuracy {ev['accuracy']:.1%} ({per_task})"
-    log(f"eval step {step} | val_loss {ev['val_loss']:.4f}{acc}")
-    for q, a in ev["samples"]:
-        log(f"  user: {q[:120]!r}\n  assistant: {a[:200]!r}")
-    if wandb_log and master:
-        wandb.log({"step": step, "val/loss": ev["val_loss"],
-                   **({"val/accuracy": ev["accuracy"]} if "accuracy" in ev else {}),
-                   **{f"val/accuracy_{t}": a for t, a in ev.get("accuracy_per_task", {}).items()}})
-
-
-def save(step, ev):
-    extra = dict(step=step, config=config, init_from=init_from, val_loss=ev["val_loss"], accuracy=ev.get("accuracy"))
-    path = os.path.join(out_dir, "ckpt.pt")
-    if lora is None:
-        state = checkpoint_dict(model, tok.name, **extra)  # a collective under FSDP: every rank calls it
+    # -----------------------------------------------------------------------------
+    # data
+    test_examples = []  # tasks only: held-out questions for exact-match accuracy
+    if data == "tasks":
+        train_convs = [tasks.to_messages(ex) for ex in tasks.generate(n_train, "train", seed=seed)]
+        test_examples = tasks.generate(max(val_size, eval_accuracy_size), "test", seed=0)
+        val_convs = [tasks.to_messages(ex) for ex in test_examples[:val_size]]
+        test_examples = test_examples[:eval_accuracy_size]
     else:
-        full = model_state_dict(model)  # a collective under FSDP, where only rank 0 receives the weights
-        if not master:
-            state = None
-        elif merge_lora_on_save:
-            # rebuild on CPU (whatever the parallelism was), fold the adapters in, save a plain model
-            state = checkpoint_dict(merged_model(full, Transformer(cfg), lora), tok.name, **extra, merged_lora=lora)
-        else:
-            state = dict(model_config=asdict(cfg), tokenizer=tok.name, base_checkpoint=init_from, lora=lora,
-                         lora_state={k: v for k, v in full.items() if "lora_" in k}, **extra)
-    if master:
-        save_checkpoint(path, state)
-        kind = "full" if lora is None or merge_lora_on_save else "adapter-only"
-        log(f"saved {kind} checkpoint {path}")
+        try:
+            train_convs = load_conversations(data, split=data_split, skip_bad=skip_bad, log=log)
+            val_convs = load_conversations(val_data, split=data_split, skip_bad=skip_bad, log=log) if val_data else None
+        except (BadRecord, FileNotFoundError) as e:
+            raise SystemExit(f"sft: bad training data: {e}")
+        if not val_data:
+            if val_size >= len(train_convs):
+                raise SystemExit(f"sft: val_size={val_size} leaves no training data of {len(train_convs)} "
+                                 f"conversations; lower --val_size or pass --val_data")
+            random.Random(seed).shuffle(train_convs)  # a held-out set that is not just the end of the file
+            n_keep = len(train_convs) - val_size
+            train_convs, val_convs = train_convs[:n_keep], train_convs[n_keep:]
+    train, n_trunc, n_drop = tokenize_conversations(train_convs, tok, max_seq_len)
+    val, _, _ = tokenize_conversations(val_convs, tok, max_seq_len)
+    n_targets = sum(sum(t != -100 for t in y) for _, y in train)
+    log(f"data {data}: {len(train)} train conversations ({sum(len(x) for x, _ in train):,} tokens, "
+        f"{n_targets:,} trained), "
+        f"{len(val)} val; {n_trunc} truncated to {max_seq_len}, {n_drop} dropped with nothing left to train")
+    if not train:
+        raise SystemExit("sft: no training conversations left")
+    batches = micro_batches(train, batch_size, max_seq_len, tok.pad_id, packing=packing, seed=seed)
 
+    # -----------------------------------------------------------------------------
+    # training setup
+    model = parallelize(model, parallel if ddp else "none", device)
+    # after parallelize: FSDP2 replaces the parameters with sharded ones, which the optimizer must hold
+    optimizer = configure_optimizer(model, lr, weight_decay, (beta1, beta2), adam_eps, device.type)
+    if compile:
+        model = torch.compile(model)
+    raw_model = unwrap(model)
 
-if wandb_log and master:
-    import wandb
-    wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+    def to_device(mb):
+        return {k: v.to(device, non_blocking=True) for k, v in mb.items()}
 
-# -----------------------------------------------------------------------------
-# training loop
-model.train()
-ev0 = evaluate()
-report(0, ev0)
-ev = ev0
-t0 = t_log = time.time()
-tokens_since_log = 0
-for step in range(1, max_steps + 1):
-    for g in optimizer.param_groups:
-        g["lr"] = lr_at(step - 1, max_steps, lr, warmup_steps, min_lr, lr_schedule)
-    # every rank draws the same global sequence of micro-batches and keeps its share
-    micro = [next(batches) for _ in range(grad_accum * world_size)][rank::world_size]
-    micro = [to_device(mb) for mb in micro]
-    # Loss normalisation. We want the gradient of (sum of token losses over the whole step, all
-    # micro-batches on all ranks) / (number of target tokens in the whole step), so every target token
-    # weighs the same however the step is cut into micro-batches and ranks. So: count the step's target
-    # tokens first and all-reduce that count, then backprop each micro-batch's *summed* loss divided by it.
-    # DDP and FSDP average gradients over ranks (sum / world_size), so each rank also multiplies by
-    # world_size: (1/W) * sum_r W * grad(L_r) / N = grad(sum_r L_r) / N.
-    n_tok = torch.tensor(sum(int((mb["targets"] != -100).sum()) for mb in micro), device=device, dtype=torch.float64)
-    if ddp:
-        dist.all_reduce(n_tok)
-    n_tok = n_tok.item()
-    step_loss = torch.zeros((), device=device, dtype=torch.float64)
-    for i, mb in enumerate(micro):
-        with grad_sync(i == len(micro) - 1), autocast:
-            _, loss_sum = model(mb["idx"], mb["targets"], positions=mb.get("positions"),
-                                doc_ids=mb.get("doc_ids"), reduction="sum")
-        (loss_sum * (world_size / n_tok)).backward()
-        step_loss += loss_sum.detach().double()
-    if ddp:
-        dist.all_reduce(step_loss)
-    loss = step_loss.item() / n_tok
-    if not math.isfinite(loss):
-        raise SystemExit(f"sft: non-finite loss ({loss}) at step {step}; no checkpoint was saved. "
-                         f"Try a lower --lr (now {lr}) or --grad_clip=1.0.")
-    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                               grad_clip if grad_clip > 0 else float("inf"))
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    if cfg.n_experts:
-        raw.update_moe_bias()
-    tokens_since_log += sum(mb["idx"].numel() for mb in micro) * world_size
+    @torch.no_grad()
+    def evaluate():
+        """Validation loss per target token, exact-match accuracy per task (tasks data), a few sampled replies.
+        Every rank runs the same evaluation (FSDP needs all ranks in every forward); rank 0 prints."""
+        model.eval()
+        out = {}
+        loss_sum, n = 0.0, 0
+        for i in range(0, len(val), batch_size):
+            mb = to_device(collate_padded(val[i:i + batch_size], tok.pad_id))
+            with autocast:
+                _, loss = model(mb["idx"], mb["targets"], reduction="sum")
+            loss_sum, n = loss_sum + loss.item(), n + int((mb["targets"] != -100).sum())
+        out["val_loss"] = loss_sum / max(n, 1)
+        gen_kw = dict(stop_tokens=(tok.im_end_id,), pad_id=tok.pad_id)
+        with fsdp_gathered(raw_model), autocast:
+            if test_examples:
+                out["accuracy"], out["accuracy_per_task"] = tasks.exact_match(
+                    raw_model, tok, test_examples, eval_max_new_tokens, rank=rank, world_size=world_size)
+            samples = []
+            for msgs in val_convs[:eval_samples]:
+                first = next(j for j, m in enumerate(msgs) if m["role"] == "assistant")
+                prompt = render_prompt(msgs[:first], tok)
+                budget = min(eval_max_new_tokens, cfg.max_seq_len - len(prompt))
+                if budget <= 0:
+                    continue
+                gen = torch.Generator(device=device).manual_seed(seed)
+                g = raw_model.generate([prompt], budget, temperature=0.7, top_p=0.9, generator=gen, **gen_kw)
+                reply = tok.decode([t for t in g["tokens"][0, :g["lengths"][0]].tolist() if t != tok.im_end_id])
+                samples.append((msgs[first - 1]["content"], reply))
+            out["samples"] = samples
+        model.train()
+        return out
 
-    if step % log_interval == 0 or step == max_steps:
-        now = time.time()
-        eta = (now - t0) / step * (max_steps - step)
-        log(f"step {step}/{max_steps} | loss {loss:.4f} | lr {optimizer.param_groups[0]['lr']:.2e} | "
-            f"grad_norm {float(grad_norm):.2f} | tok/s {tokens_since_log / (now - t_log):,.0f} | "
-            f"targets/step {int(n_tok):,} | eta {int(eta // 60)}m{int(eta % 60):02d}s")
+    def report(step, ev):
+        acc = ""
+        if "accuracy" in ev:
+            per_task = " ".join(f"{t} {a:.0%}" for t, a in ev["accuracy_per_task"].items())
+            acc = f" | accuracy {ev['accuracy']:.1%} ({per_task})"
+        log(f"eval step {step} | val_loss {ev['val_loss']:.4f}{acc}")
+        for q, a in ev["samples"]:
+            log(f"  user: {q[:120]!r}\n  assistant: {a[:200]!r}")
         if wandb_log and master:
-            wandb.log({"step": step, "train/loss": loss, "lr": optimizer.param_groups[0]["lr"],
-                       "grad_norm": float(grad_norm), "tok/s": tokens_since_log / (now - t_log)})
-        t_log, tokens_since_log = now, 0
-    if (eval_interval and step % eval_interval == 0) or step == max_steps:
-        ev = evaluate()
-        report(step, ev)
-        t_log = time.time()  # eval time is not training throughput
+            wandb.log({"step": step, "val/loss": ev["val_loss"],
+                       **({"val/accuracy": ev["accuracy"]} if "accuracy" in ev else {}),
+                       **{f"val/accuracy_{t}": a for t, a in ev.get("accuracy_per_task", {}).items()}})
 
-if ddp and parallel == "ddp":
-    log(f"parameters identical on all {check_replicas_identical(model)} ranks")
-save(max_steps, ev)
-if "accuracy" in ev:
-    log(f"held-out exact match: {ev0['accuracy']:.1%} before SFT -> {ev['accuracy']:.1%} after")
-    for t in ev["accuracy_per_task"]:
-        log(f"  {t:8s} {ev0['accuracy_per_task'][t]:6.1%} -> {ev['accuracy_per_task'][t]:6.1%}")
-log(f"done in {time.time() - t0:.0f}s")
-if ddp:
-    dist.barrier()  # leave together: rank 0 may still be writing the checkpoint
-    dist.destroy_process_group()
+    def save(step, ev):
+        extra = dict(step=step, config=config, init_from=init_from, val_loss=ev["val_loss"],
+                     accuracy=ev.get("accuracy"))
+        path = os.path.join(out_dir, "ckpt.pt")
+        if lora is None:
+            state = checkpoint_dict(model, tok.name, **extra)  # a collective under FSDP: every rank calls it
+        else:
+            full = model_state_dict(model)  # a collective under FSDP, where only rank 0 receives the weights
+            if not master:
+                state = None
+            elif merge_lora_on_save:
+                # rebuild on CPU (whatever the parallelism was), fold the adapters in, save a plain model
+                state = checkpoint_dict(merged_model(full, Transformer(cfg), lora), tok.name, **extra, merged_lora=lora)
+            else:
+                state = dict(model_config=asdict(cfg), tokenizer=tok.name, base_checkpoint=init_from, lora=lora,
+                             lora_state={k: v for k, v in full.items() if "lora_" in k}, **extra)
+        if master:
+            save_checkpoint(path, state)
+            kind = "full" if lora is None or merge_lora_on_save else "adapter-only"
+            log(f"saved {kind} checkpoint {path}")
+
+
+    if wandb_log and master:
+        import wandb
+        wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+
+    # -----------------------------------------------------------------------------
+    # training loop: evaluate (and at the end save) at the top of an iteration, so step 0, every
+    # eval_interval and the last step take the same path
+    model.train()
+    t0 = t_log = time.time()
+    tokens_since_log = 0
+    for step in range(max_steps + 1):
+        final = step == max_steps
+        if step == 0 or (eval_interval and step % eval_interval == 0) or final:
+            ev = evaluate()
+            report(step, ev)
+            if step == 0:
+                ev0 = ev
+            t_log = time.time()  # eval time is not training throughput
+        if final:
+            break
+
+        for g in optimizer.param_groups:
+            g["lr"] = lr_at(step, max_steps, lr, warmup_steps, min_lr, lr_schedule)
+        # every rank draws the same global sequence of micro-batches and keeps its share
+        micro = [next(batches) for _ in range(grad_accum * world_size)][rank::world_size]
+        micro = [to_device(mb) for mb in micro]
+        # Loss normalisation. We want the gradient of (sum of token losses over the whole step, all
+        # micro-batches on all ranks) / (number of target tokens in the whole step), so every target token
+        # weighs the same however the step is cut into micro-batches and ranks. So: count the step's target
+        # tokens first and all-reduce that count, then backprop each micro-batch's *summed* loss divided by it.
+        # DDP and FSDP average gradients over ranks (sum / world_size), so each rank also multiplies by
+        # world_size: (1/W) * sum_r W * grad(L_r) / N = grad(sum_r L_r) / N.
+        n_tok = torch.tensor(sum(int((mb["targets"] != -100).sum()) for mb in micro), device=device,
+                             dtype=torch.float64)
+        if ddp:
+            dist.all_reduce(n_tok)
+        n_tok = n_tok.item()
+        step_loss = torch.zeros((), device=device, dtype=torch.float64)
+        for i, mb in enumerate(micro):
+            with grad_sync(model, i == len(micro) - 1), autocast:
+                _, loss_sum = model(mb["idx"], mb["targets"], positions=mb.get("positions"),
+                                    doc_ids=mb.get("doc_ids"), reduction="sum")
+            (loss_sum * (world_size / n_tok)).backward()
+            step_loss += loss_sum.detach().double()
+        if ddp:
+            dist.all_reduce(step_loss)
+        loss = step_loss.item() / n_tok
+        if not math.isfinite(loss):
+            raise SystemExit(f"sft: non-finite loss ({loss}) at step {step + 1}; no checkpoint was saved. "
+                             f"Try a lower --lr (now {lr}) or --grad_clip=1.0.")
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                                   grad_clip if grad_clip > 0 else float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if cfg.n_experts:
+            raw_model.update_moe_bias()
+        tokens_since_log += sum(mb["idx"].numel() for mb in micro) * world_size
+
+        done = step + 1
+        if done % log_interval == 0 or done == max_steps:
+            now = time.time()
+            eta = (now - t0) / done * (max_steps - done)
+            log(f"step {done}/{max_steps} | loss {loss:.4f} | lr {optimizer.param_groups[0]['lr']:.2e} | "
+                f"grad_norm {float(grad_norm):.2f} | tok/s {tokens_since_log / (now - t_log):,.0f} | "
+                f"targets/step {int(n_tok):,} | eta {int(eta // 60)}m{int(eta % 60):02d}s")
+            if wandb_log and master:
+                wandb.log({"step": done, "train/loss": loss, "lr": optimizer.param_groups[0]["lr"],
+                           "grad_norm": float(grad_norm), "tok/s": tokens_since_log / (now - t_log)})
+            t_log, tokens_since_log = now, 0
+
+    if ddp and parallel == "ddp":
+        log(f"parameters identical on all {check_replicas_identical(model)} ranks")
+    save(max_steps, ev)
+    if "accuracy" in ev:
+        log(f"held-out exact match: {ev0['accuracy']:.1%} before SFT -> {ev['accuracy']:.1%} after")
+        for t in ev["accuracy_per_task"]:
+            log(f"  {t:8s} {ev0['accuracy_per_task'][t]:6.1%} -> {ev['accuracy_per_task'][t]:6.1%}")
+    log(f"done in {time.time() - t0:.0f}s")
+    teardown_distributed(ddp)

@@ -90,7 +90,7 @@ def main():
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     require_cuda("bench_pretrain.py")
-    from model import device_peak_flops
+    from distributed import device_peak_flops
 
     meta = run_metadata()
     peak = device_peak_flops(meta["device"])

@@ -27,6 +27,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import generation  # noqa: E402
 import model as M  # noqa: E402
 from bench.report import require_cuda, run_metadata, write_report  # noqa: E402
 
@@ -38,7 +39,7 @@ MODELS = {
 }
 
 
-class StaticKVCache(M.KVCache):
+class StaticKVCache(generation.KVCache):
     """The model's KV cache with its tensors marked as static inputs for CUDA graphs (see the docstring)."""
 
     def __init__(self, *args, **kwargs):
@@ -50,7 +51,7 @@ class StaticKVCache(M.KVCache):
 def compile_decode_step(model):
     """Route generate's one-token decode steps through torch.compile(mode="reduce-overhead"); the
     prefill (a different shape, once per call) stays eager."""
-    eager = model._step
+    eager = model.forward_cached
     compiled = torch.compile(eager, mode="reduce-overhead", dynamic=False)
 
     def step(idx, positions, cache, cache_pos):
@@ -60,8 +61,8 @@ def compile_decode_step(model):
         # storage offset fixed, so the compiled graph's guards hold at every step
         return compiled(idx, positions, cache, cache_pos.clone())
 
-    model._step = step  # an instance attribute shadows the method for this model only
-    M.KVCache = StaticKVCache
+    model.forward_cached = step  # an instance attribute shadows the method for this model only
+    generation.KVCache = StaticKVCache
 
 
 def bench_one(name, cfg_kw, G, n_prompts, prompt_len, new_tokens, compiled, repeats, seed=0):
@@ -71,7 +72,7 @@ def bench_one(name, cfg_kw, G, n_prompts, prompt_len, new_tokens, compiled, repe
     # would break the graph)
     cfg = M.ModelConfig(**cfg_kw, kernels="torch" if compiled else "auto")
     model = M.Transformer(cfg).cuda().eval()
-    saved_cache = M.KVCache
+    saved_cache = generation.KVCache
     if compiled:
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
@@ -98,7 +99,7 @@ def bench_one(name, cfg_kw, G, n_prompts, prompt_len, new_tokens, compiled, repe
             run()
             times.append(time.perf_counter() - t0)
     finally:
-        M.KVCache = saved_cache
+        generation.KVCache = saved_cache
     times.sort()
     med = times[len(times) // 2]
     res = dict(model=name, params=model.num_params(), config=cfg_kw, compiled=compiled, G=G, prompts=n_prompts,

@@ -13,10 +13,21 @@ ast.literal_eval (so `--lr=3e-4 --compile=True --betas=(0.9,0.95)`), falling bac
 to the raw string (`--out_dir=out/run1`). Unknown keys and values of the wrong
 type stop the run with a message naming the key, where it came from, and the
 closest known keys — a typo should never silently train with a default.
+
+A script also declares, beside its globals, what values are valid, and configure()
+checks them once all overrides are applied, before any work is done:
+
+    _choices = dict(lr_schedule=("cosine", "wsd", "constant"), parallel=("ddp", "fsdp"))
+    _ranges = dict(batch_size="[1, inf)", lr="(0, inf)", label_smoothing="[0, 0.5)",
+                   max_steps="[1, inf) or -1")     # interval notation, plus documented sentinel values
+
+A tuple-valued setting with choices (reward_funcs) must have every element among them; a None value
+(an optional setting left unset) is not checked.
 """
 
 import ast
 import difflib
+import math
 import sys
 
 
@@ -45,6 +56,40 @@ def _check_and_set(g, known, key, value, where):
                              f"like {default!r}, got {type(value).__name__} {value!r}")
     g[key] = value
     known[key] = value if value is not None else known[key]
+
+
+def _parse_range(spec):
+    """ "[1, inf) or -1" -> (lo, hi, lo_closed, hi_closed, sentinels)."""
+    interval, *rest = [part.strip() for part in spec.split(" or ")]
+    lo, hi = (float(x) for x in interval[1:-1].split(","))
+    return lo, hi, interval[0] == "[", interval[-1] == "]", [ast.literal_eval(x) for x in rest]
+
+
+def _in_range(value, spec):
+    lo, hi, lo_closed, hi_closed, sentinels = _parse_range(spec)
+    if value in sentinels and not isinstance(value, bool):
+        return True
+    return (value > lo or (lo_closed and value == lo)) and (value < hi or (hi_closed and value == hi))
+
+
+def check_values(g, choices, ranges):
+    """Raise SystemExit naming the first setting of g outside its declared choices or range."""
+    for key, allowed in choices.items():
+        value = g[key]
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        bad = [v for v in values if v is not None and v not in allowed]
+        if bad:
+            close = difflib.get_close_matches(str(bad[0]), [str(a) for a in allowed], n=1, cutoff=0.5)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise SystemExit(f"config error: {key}={value!r} is not valid: choose "
+                             f"{'each from' if isinstance(value, (tuple, list)) else 'one of'} "
+                             f"{', '.join(map(repr, allowed))}.{hint}")
+    for key, spec in ranges.items():
+        value = g[key]
+        if value is None or isinstance(value, bool):
+            continue
+        if not (isinstance(value, (int, float)) and not math.isnan(value) and _in_range(value, spec)):
+            raise SystemExit(f"config error: {key}={value!r} is out of range: it must be in {spec}")
 
 
 def configure(g, argv=None):
@@ -76,4 +121,5 @@ def configure(g, argv=None):
             if isinstance(known.get(key), str) and not isinstance(value, str):
                 value = raw  # --wandb_run_name=123 stays a string
             _check_and_set(g, known, key, value, f"from --{key}")
+    check_values(g, g.get("_choices", {}), g.get("_ranges", {}))
     return {k: g[k] for k in known}

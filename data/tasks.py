@@ -125,7 +125,7 @@ def exact_match(model, tokenizer, examples, max_new_tokens=32, batch_size=128, s
     score(example, reply) -> bool defaults to is_correct (GSM8K passes its own #### check)."""
     import torch
     from data.chat import render_prompt
-    from model import fsdp_gathered
+    from distributed import fsdp_gathered
     score = score or is_correct
     names = sorted({ex["task"] for ex in examples})
     device = next(model.parameters()).device

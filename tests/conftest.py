@@ -27,7 +27,8 @@ def tiny_config(**kw):
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory):
     """Path of a tiny random-weight checkpoint (default tokenizer), as pretrain.py would write it."""
-    from model import Transformer, checkpoint_dict, save_checkpoint
+    from checkpoint import checkpoint_dict, save_checkpoint
+    from model import Transformer
     torch.manual_seed(0)
     model = Transformer(tiny_config())
     path = str(tmp_path_factory.mktemp("ckpt") / "ckpt.pt")

@@ -145,10 +145,10 @@ def test_missing_file_is_reported(tmp_path):
 def test_chat_script_streams_the_greedy_reply(tiny_ckpt, tok):
     import torch
     from conftest import run_script
-    from model import model_from_checkpoint
+    from checkpoint import load_model
     out = run_script(["chat.py", f"--ckpt={tiny_ckpt}", "--prompt=What is 2 + 2?", "--temperature=0",
                       "--max_new_tokens=12"], timeout=120)
-    model = model_from_checkpoint(tiny_ckpt).eval()
+    model = load_model(tiny_ckpt)[0].eval()
     prompt = render_prompt([{"role": "user", "content": "What is 2 + 2?"}], tok)
     with torch.no_grad():
         g = model.generate([prompt], 12, temperature=0, stop_tokens=(tok.im_end_id, tok.eot_id), pad_id=tok.pad_id)

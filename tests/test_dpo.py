@@ -12,7 +12,8 @@ from data.chat import render_prompt
 from data.preference import encode_response, pad_batch
 from data.tokenizer import get_tokenizer
 from dpo import dpo_loss, falling_streak, orpo_loss, preference_loss, sequence_logps, simpo_loss
-from model import Transformer, apply_lora, lora_disabled
+from lora import apply_lora, lora_disabled
+from model import Transformer
 
 # hand-written summed log-probs of two pairs
 PC, PR = torch.tensor([-5.0, -12.0]), torch.tensor([-9.0, -10.0])
@@ -130,8 +131,8 @@ def test_dpo_script_runs(tiny_ckpt, tmp_path):
     for key in ("rewards/chosen", "rewards/rejected", "margins", "accuracy", "logps/chosen", "logps/rejected"):
         assert key in out
     assert "task exact-match" in out and "saved" in out
-    from model import model_from_checkpoint
-    model_from_checkpoint(str(tmp_path / "dpo" / "ckpt.pt"))  # a plain language model
+    from checkpoint import load_model
+    load_model(str(tmp_path / "dpo" / "ckpt.pt"))  # a plain language model
 
 
 def test_dpo_script_lora_with_precomputed_reference(tiny_ckpt, tmp_path):

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from conftest import run_script, tiny_config
 
 import grpo
-from model import RewardModel, Transformer, checkpoint_dict, load_checkpoint, model_from_checkpoint, save_checkpoint
+from checkpoint import checkpoint_dict, load_checkpoint, load_model, save_checkpoint
+from model import RewardModel, Transformer
 
 
 def test_group_advantages_hand_example():
@@ -157,7 +158,7 @@ def test_grpo_script_tiny(tiny_ckpt, tmp_path):
     assert "step 2/2 | loss" in out and "gen tok/s" in out and "held-out accuracy" in out
     ckpt = load_checkpoint(str(tmp_path / "ckpt.pt"))
     assert ckpt["step"] == 2 and ckpt["tokenizer"] == "default" and ckpt["config"]["num_generations"] == 4
-    model_from_checkpoint(ckpt)
+    load_model(ckpt)
 
 
 def test_grpo_script_variants(tiny_ckpt, tmp_path):
@@ -177,7 +178,7 @@ def test_grpo_script_variants(tiny_ckpt, tmp_path):
     assert kl and all(k >= 0 for k in kl)
     ckpt = load_checkpoint(str(tmp_path / "ckpt.pt"))
     assert ckpt["merged_lora"]["r"] == 4 and not any("lora_" in k for k in ckpt["model"])
-    model_from_checkpoint(ckpt)
+    load_model(ckpt)
 
 
 def test_grpo_missing_init_message(tmp_path):

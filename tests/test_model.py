@@ -7,8 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import (ModelConfig, MoE, Transformer, checkpoint_dict, load_checkpoint, lr_at,
-                   model_from_checkpoint, rope_cache, rope_frequencies, sample_next, save_checkpoint)
+from checkpoint import checkpoint_dict, load_checkpoint, load_model, save_checkpoint
+from generation import sample_next
+from model import ModelConfig, MoE, Transformer, rope_cache, rope_frequencies
+from optim import lr_at
 import kernels
 
 
@@ -242,7 +244,7 @@ def test_checkpoint_roundtrip_is_atomic(tmp_path):
     assert os.listdir(tmp_path / "sub") == ["ckpt.pt"]  # no temp file left behind
     ck = load_checkpoint(path)  # weights_only=True
     assert ck["step"] == 7 and ck["tokenizer"] == "default"
-    m2 = model_from_checkpoint(ck)
+    m2, _ = load_model(ck)
     x = torch.randint(0, 97, (2, 9))
     torch.testing.assert_close(m.eval()(x)[0], m2.eval()(x)[0])
 
@@ -277,7 +279,8 @@ def test_configurator_rejects_bad_keys_and_types(tmp_path):
 FSDP_GENERATE = '''
 import sys, torch, torch.distributed as dist
 sys.path.insert(0, sys.argv[1])
-from model import ModelConfig, Transformer, parallelize
+from distributed import parallelize
+from model import ModelConfig, Transformer
 dist.init_process_group("gloo")
 torch.manual_seed(0)
 m = Transformer(ModelConfig(vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, max_seq_len=64, kernels="torch"))
@@ -293,6 +296,8 @@ ok = torch.ones(1)
 dist.all_reduce(ok)  # every rank got here
 if rank == 0:
     print(f"ok on {int(ok.item())} ranks")
+dist.barrier()  # leave together, or gloo may abort at exit ("terminate called without an active exception")
+dist.destroy_process_group()
 '''
 
 

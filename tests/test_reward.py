@@ -10,8 +10,9 @@ import torch
 from conftest import run_script, tiny_config
 from data.preference import encode_response, pad_batch
 from data.tokenizer import get_tokenizer
-from model import RewardModel, Transformer, checkpoint_dict, model_from_checkpoint
-from reward import bradley_terry_loss, ranked_pairs, reward_loss
+from checkpoint import checkpoint_dict, load_model
+from model import RewardModel, Transformer
+from reward import bradley_terry_loss, ranked_pairs, reward_loss, score_conversations
 
 
 def softplus(x):
@@ -75,7 +76,7 @@ def test_head_reads_the_given_position_with_right_and_left_padding():
         # the shorter row read at the last index (a pad) would be a different number
         assert not torch.allclose(rm(right, torch.tensor([T - 1, T - 1]))[0], ref[0], atol=1e-3)
         # score() renders with the chat template and reads at the reply's <|im_end|>
-        scored = rm.score([prompt + [{"role": "assistant", "content": r}] for r in ("7", "a much longer wrong reply, 8")],
+        scored = score_conversations(rm, [prompt + [{"role": "assistant", "content": r}] for r in ("7", "a much longer wrong reply, 8")],
                           tok)
         assert torch.allclose(scored, ref, atol=1e-5)
         assert all(s[-1] == tok.im_end_id for s in seqs)
@@ -86,20 +87,20 @@ def test_reward_checkpoint_round_trip(tmp_path):
     rm = make_rm(1)
     path = str(tmp_path / "rm.pt")
     torch.save(checkpoint_dict(rm, "default"), path)
-    back = RewardModel.from_checkpoint(path)
+    back = load_model(path, kind="reward")[0]
     msgs = [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]]
-    assert torch.allclose(back.score(msgs, tok), rm.score(msgs, tok))
+    assert torch.allclose(score_conversations(back, msgs, tok), score_conversations(rm, msgs, tok))
     lm_path = str(tmp_path / "lm.pt")
     torch.save(checkpoint_dict(Transformer(tiny_config()), "default"), lm_path)
     with pytest.raises(ValueError, match="not a reward-model checkpoint"):
-        RewardModel.from_checkpoint(lm_path)
+        load_model(lm_path, kind="reward")[0]
 
 
 def test_accuracy_rises_above_chance_on_an_easy_set(tiny_ckpt):
     """Chosen replies say "yes", rejected say "no": a few steps must separate held-out pairs."""
     torch.manual_seed(0)
     tok = get_tokenizer("default")
-    rm = RewardModel(model_from_checkpoint(tiny_ckpt))
+    rm = RewardModel(load_model(tiny_ckpt)[0])
 
     def pairs(lo, hi):
         out = []
@@ -132,8 +133,8 @@ def test_reward_script_runs_and_saves_a_scorer(tiny_ckpt, tmp_path):
                       "--task_val_pairs=16", "--batch_size=8", "--max_steps=4", "--log_interval=2",
                       "--eval_interval=4", "--kernels=torch"], timeout=300)
     assert "step 4/4 | loss" in out and "val accuracy" in out and "saved" in out
-    rm = RewardModel.from_checkpoint(str(out_dir / "ckpt.pt"))
-    r = rm.score([[{"role": "user", "content": "What is 1 + 1?"}, {"role": "assistant", "content": a}]
+    rm = load_model(str(out_dir / "ckpt.pt"), kind="reward")[0]
+    r = score_conversations(rm, [[{"role": "user", "content": "What is 1 + 1?"}, {"role": "assistant", "content": a}]
                   for a in ("2", "3")], get_tokenizer("default"))
     assert r.shape == (2,) and torch.isfinite(r).all()
 

@@ -15,8 +15,9 @@ from conftest import ROOT, run_script, tiny_config
 from data import tasks
 from data.sft_data import collate_packed, micro_batches, packed_rows, tokenize_conversations
 from data.tokenizer import get_tokenizer
-from model import (Transformer, apply_lora, load_checkpoint, lora_modules, merge_lora,
-                   model_from_checkpoint)
+from checkpoint import load_checkpoint, load_model
+from lora import apply_lora, lora_modules, merge_lora
+from model import Transformer
 
 MULTI = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
          {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "What is 1 + 1?"},
@@ -135,8 +136,8 @@ def test_lora_sft_adapter_checkpoint_round_trip_and_merged_export(tiny_ckpt, tmp
     assert "model" not in ck and ck["base_checkpoint"] == tiny_ckpt
     assert set(ck["lora_state"]) and all("lora_" in k for k in ck["lora_state"])
     assert len(ck["lora_state"]) == 2 * 2 * 3  # (A, B) x 2 layers x 3 targets
-    adapted = model_from_checkpoint(path)
-    base = model_from_checkpoint(tiny_ckpt)
+    adapted = load_model(path)[0]
+    base = load_model(tiny_ckpt)[0]
     # the base weights are untouched, the adapters moved
     for k, v in base.state_dict().items():
         k2 = k.replace("q_proj.", "q_proj.base.").replace("v_proj.", "v_proj.base.").replace("down_proj.", "down_proj.base.")
@@ -145,7 +146,7 @@ def test_lora_sft_adapter_checkpoint_round_trip_and_merged_export(tiny_ckpt, tmp
     # merged export of the same (deterministic) run gives the same function as base + adapters
     log, merged_path = _sft(tiny_ckpt, tmp_path, "merged", *common, "--merge_lora_on_save=True")
     assert "saved full checkpoint" in log
-    merged = model_from_checkpoint(merged_path)
+    merged = load_model(merged_path)[0]
     assert not lora_modules(merged)
     x = torch.randint(0, 1000, (2, 20))
     with torch.no_grad():
@@ -155,7 +156,7 @@ def test_lora_sft_adapter_checkpoint_round_trip_and_merged_export(tiny_ckpt, tmp
     log, fsdp_path = _sft(tiny_ckpt, tmp_path, "merged_fsdp", *common, "--merge_lora_on_save=True", "--batch_size=1",
                           "--parallel=fsdp", torchrun=True)
     with torch.no_grad():
-        torch.testing.assert_close(model_from_checkpoint(fsdp_path)(x)[0], merged(x)[0], rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(load_model(fsdp_path)[0](x)[0], merged(x)[0], rtol=1e-3, atol=1e-3)
 
 
 # -----------------------------------------------------------------------------
@@ -169,7 +170,7 @@ def test_sft_loss_falls(tiny_ckpt, tmp_path):
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0, losses
     ck = load_checkpoint(path)
     assert ck["step"] == 25 and ck["tokenizer"] == "default" and ck["config"]["max_steps"] == 25
-    model_from_checkpoint(path)
+    load_model(path)[0]
     assert "held-out exact match" in log
 
 
@@ -194,7 +195,7 @@ def test_missing_init_checkpoint_says_what_to_run(tmp_path):
 def _reference_params(tiny_ckpt, examples, steps, lr, eps):
     """The naive computation: the mean token loss over all examples of the (full-batch) step, one example
     at a time, and torch's AdamW."""
-    model = model_from_checkpoint(tiny_ckpt)
+    model = load_model(tiny_ckpt)[0]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), eps=eps, weight_decay=0.0)
     n = sum(sum(t != -100 for t in y) for _, y in examples)
     for _ in range(steps):
