@@ -19,7 +19,7 @@ Layouts read (field names as published):
   ranked               {"prompt": str | [msgs], "responses": [str | assistant msg, ...],
                         "scores": [float, ...] (optional; without it the list is taken as best first)}
 "messages" is accepted in place of "prompt". Sources: a local .json / .jsonl / .parquet file or a
-dataset directory, or a Hugging Face hub name (needs the network), all read through `datasets`;
+dataset directory, or a Hugging Face hub name (needs the network), all read by data/records.py;
 "tasks" is the bundled default, pairs generated from data/tasks.py.
 
 A record that fits no layout (or a line that is not JSON or not UTF-8) stops the load with a BadRecord
@@ -34,6 +34,7 @@ import re
 
 from data import tasks
 from data.chat import BadRecord, labels_from_mask, render, validate_messages
+from data.records import DataError, iter_records, read_records
 
 
 def _messages(x, what):
@@ -166,7 +167,6 @@ def load_preferences(source, split="train", skip_bad=False, max_records=None, lo
     (drop_ties). A malformed record stops the load with a BadRecord naming the file and the record's 0-based
     index (its line in a jsonl file); with skip_bad it is skipped. Skipped records and dropped ties are counted
     and logged; return_counts=True also returns the counts: (records, dict(read, skipped, tied, records))."""
-    from data.records import DataError, iter_records, read_records
     counts = {}
     out, n_tied = [], 0
     for rec in read_records(iter_records(source, split=split), normalize_record, skip_bad, counts):
@@ -239,12 +239,12 @@ def sampled_task_pairs(model, tokenizer, examples, num_samples=4, temperature=1.
 
 def split_off(records, fraction, seed=0):
     """(train, val): a seeded random `fraction` of the records held out (at least one)."""
-    from data.records import DataError
     n_val = max(1, int(len(records) * fraction))
     if n_val >= len(records):
-        raise DataError(f"holding out val_fraction={fraction} of {len(records)} preference record(s) for validation "
-                        f"takes {n_val} and leaves nothing for training; use more records, a smaller val_fraction, "
-                        f"or a separate validation file with val_data=PATH")
+        raise DataError(f"{len(records)} preference record(s): holding out val_fraction={fraction} of them for "
+                        f"validation (at least 1) takes {n_val}, which leaves nothing for training; give more records"
+                        f"{', a smaller val_fraction' if n_val > 1 else ''} or a separate validation file with "
+                        f"val_data=PATH")
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
     return [records[i] for i in order[n_val:]], [records[i] for i in order[:n_val]]
@@ -288,7 +288,6 @@ def encode_records(records, tokenizer, max_len, verbose=True, what="preference d
             dropped += 1
             continue
         out.append({**r, "tokens": seqs})
-    from data.records import DataError
     if not records:
         raise DataError(f"{what}: no preference records to encode")
     if dropped and verbose:
