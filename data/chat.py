@@ -97,14 +97,20 @@ def to_chat_messages(record):
         for j, m in enumerate(turns):
             if not isinstance(m, dict) or m.get("from") is None or m.get("value") is None:
                 raise BadRecord(f"turn {j} needs both 'from' and 'value', got {m!r}")
-            if m["from"] not in SHAREGPT_ROLES:
+            if not isinstance(m["from"], str) or m["from"] not in SHAREGPT_ROLES:
                 raise BadRecord(f"turn {j} has unknown 'from' {m['from']!r}; expected one of {', '.join(SHAREGPT_ROLES)}")
             out.append({"role": SHAREGPT_ROLES[m["from"]], "content": m["value"]})
     elif _present(record, "instruction"):
         if not _present(record, "output"):
             raise BadRecord("an Alpaca record needs 'output' (the answer to train on) next to 'instruction'")
+        for key in ("instruction", "input", "output", "system"):
+            if _present(record, key) and not isinstance(record[key], str):
+                raise BadRecord(f"Alpaca field {key!r} must be a string, got {type(record[key]).__name__}")
+        history = record.get("history") or []
+        if not isinstance(history, (list, tuple)):
+            raise BadRecord(f"'history' must be a list of [question, answer] pairs, got {type(history).__name__}")
         out = [{"role": "system", "content": record["system"]}] if record.get("system") else []
-        for j, pair in enumerate(record.get("history") or []):
+        for j, pair in enumerate(history):
             if not isinstance(pair, (list, tuple)) or len(pair) != 2:
                 raise BadRecord(f"history entry {j} must be a [question, answer] pair, got {pair!r}")
             out += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
@@ -142,21 +148,16 @@ def validate_messages(messages):
 
 
 def load_conversations(source, split="train", skip_bad=False, log=print):
-    """Conversations (lists of messages) from local json/jsonl/parquet files or a hub dataset, read through
-    `datasets`. A malformed record stops with an error naming the file and the record's 0-based index
-    (its line in a jsonl file); with skip_bad it is skipped and the number skipped is logged."""
-    from data.records import iter_records
-    convs, n_bad = [], 0
-    for where, i, record in iter_records(source, split=split):
-        try:
-            convs.append(to_chat_messages(record))
-        except BadRecord as e:
-            if not skip_bad:
-                raise BadRecord(f"{where}: record {i}: {e}. Fix or remove the record, "
-                                f"or set skip_bad=True to skip malformed records") from None
-            n_bad += 1
-    if n_bad:
-        log(f"skipped {n_bad} malformed record(s) of {n_bad + len(convs)} in {source} (skip_bad=True)")
-    if not convs:
-        raise BadRecord(f"{source}: no valid conversations")
+    """Conversations (lists of messages) from local json/jsonl/parquet files or a hub dataset (data/records.py).
+    A malformed record, or a line that is not JSON or not UTF-8, stops with a BadRecord naming the file and the
+    record's 0-based index (its line in a jsonl file); with skip_bad it is skipped and the number skipped is
+    logged. An empty or unreadable file raises data.records.DataError."""
+    from data.records import iter_records, read_records
+    counts = {}
+    convs = list(read_records(iter_records(source, split=split), to_chat_messages, skip_bad, counts))
+    if counts["skipped"]:
+        log(f"skipped {counts['skipped']} malformed record(s) of {counts['read']} in {source} (skip_bad=True)")
+    if not convs:  # a BadRecord, not a DataError, so that callers catching BadRecord see it
+        raise BadRecord(f"{source}: no valid conversations ({counts['read']} record(s) read, "
+                        f"{counts['skipped']} malformed and skipped)")
     return convs

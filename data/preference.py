@@ -19,18 +19,22 @@ Layouts read (field names as published):
   ranked               {"prompt": str | [msgs], "responses": [str | assistant msg, ...],
                         "scores": [float, ...] (optional; without it the list is taken as best first)}
 "messages" is accepted in place of "prompt". Sources: a local .json / .jsonl / .parquet file or a
-dataset directory, or a Hugging Face hub name (needs the network), all read through `datasets`;
+dataset directory, or a Hugging Face hub name (needs the network), all read by data/records.py;
 "tasks" is the bundled default, pairs generated from data/tasks.py.
 
-A record that fits no layout stops the load with the file and record index; skip_bad=True skips
-such records instead and reports how many.
+A record that fits no layout (or a line that is not JSON or not UTF-8) stops the load with a BadRecord
+naming the file and record index; skip_bad=True skips such records instead and reports how many.
+Scores that tie are no preference: a tied pair never trains as a strict one (drop_ties), and the number
+dropped is logged.
 """
 
+import math
 import random
 import re
 
 from data import tasks
 from data.chat import BadRecord, labels_from_mask, render, validate_messages
+from data.records import DataError, iter_records, read_records
 
 
 def _messages(x, what):
@@ -73,6 +77,10 @@ def parse_hh(text, what="transcript"):
     return msgs[:-1], msgs[-1]["content"]
 
 
+def _is_score(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def normalize_record(rec):
     """One raw record (any layout above) -> dict(prompt, responses, scores). Raises BadRecord."""
     if not isinstance(rec, dict):
@@ -86,9 +94,12 @@ def normalize_record(rec):
         names = ["chosen", "rejected"]
         if rec.get("score_chosen") is not None and rec.get("score_rejected") is not None:
             scores = [rec["score_chosen"], rec["score_rejected"]]
-            if not all(isinstance(v, (int, float)) for v in scores):
-                raise BadRecord(f"'score_chosen' and 'score_rejected' must be numbers, got {scores!r:.100}")
+            if not all(_is_score(v) for v in scores):
+                raise BadRecord(f"'score_chosen' and 'score_rejected' must be finite numbers, got {scores!r:.100}")
             scores = [float(v) for v in scores]
+            if scores[0] < scores[1]:
+                raise BadRecord(f"'chosen' is scored lower than 'rejected' ({scores[0]:g} < {scores[1]:g}); "
+                                f"swap them or fix the scores")
     elif rec.get("responses") is not None:
         raw = rec["responses"]
         if not isinstance(raw, list) or len(raw) < 2:
@@ -96,8 +107,8 @@ def normalize_record(rec):
         names = [f"responses[{i}]" for i in range(len(raw))]
         if rec.get("scores") is not None:
             s = rec["scores"]
-            if not isinstance(s, list) or len(s) != len(raw) or not all(isinstance(v, (int, float)) for v in s):
-                raise BadRecord(f"'scores' must be a list of {len(raw)} numbers, one per response")
+            if not isinstance(s, list) or len(s) != len(raw) or not all(_is_score(v) for v in s):
+                raise BadRecord(f"'scores' must be a list of {len(raw)} finite numbers, one per response")
             order = sorted(range(len(raw)), key=lambda i: -s[i])
             raw, names, scores = [raw[i] for i in order], [names[i] for i in order], [float(s[i]) for i in order]
     else:
@@ -135,28 +146,45 @@ def normalize_record(rec):
 # -----------------------------------------------------------------------------
 # loading
 
-def load_preferences(source, split="train", skip_bad=False, max_records=None, log=print):
-    """Normalised records (see the module docstring) from local files or a hub dataset. A malformed
-    record stops the load naming the file and the record's 0-based index (its line in a jsonl file);
-    with skip_bad it is skipped and the count is logged."""
-    from data.records import iter_records
-    out, n_bad, n_seen = [], 0, 0
-    for name, i, row in iter_records(source, split=split):
+def drop_ties(record):
+    """(records, n_tied): a record whose scores tie, as untied records. Equal scores are no preference, so a
+    tied pair must not train as a strict one. Without a tie: ([record], 0). With one, every strict pair
+    (s_i > s_j) becomes a two-response record of its own and the tied pairs are dropped and counted: a
+    ranked group cannot lose just its tied pairs, the reward model trains each group on all C(K, 2) pairs.
+    [5, 5, 1] -> [a, c] and [b, c], 1 tied pair; a (chosen, rejected) pair scored [5, 5] -> nothing, 1."""
+    s = record["scores"]
+    if s is None or len(set(s)) == len(s):
+        return [record], 0
+    k = len(s)
+    strict = [(i, j) for i in range(k) for j in range(i + 1, k) if s[i] > s[j]]  # scores are sorted, best first
+    out = [{**record, "responses": [record["responses"][i], record["responses"][j]], "scores": [s[i], s[j]]}
+           for i, j in strict]
+    return out, k * (k - 1) // 2 - len(strict)
+
+
+def load_preferences(source, split="train", skip_bad=False, max_records=None, log=print, return_counts=False):
+    """Normalised records (see the module docstring) from local files or a hub dataset, tied pairs dropped
+    (drop_ties). A malformed record stops the load with a BadRecord naming the file and the record's 0-based
+    index (its line in a jsonl file); with skip_bad it is skipped. Skipped records and dropped ties are counted
+    and logged; return_counts=True also returns the counts: (records, dict(read, skipped, tied, records))."""
+    counts = {}
+    out, n_tied = [], 0
+    for rec in read_records(iter_records(source, split=split), normalize_record, skip_bad, counts):
+        untied, tied = drop_ties(rec)
+        out += untied
+        n_tied += tied
         if max_records is not None and len(out) >= max_records:
+            out = out[:max_records]
             break
-        n_seen += 1
-        try:
-            out.append(normalize_record(row))
-        except BadRecord as e:
-            if not skip_bad:
-                raise SystemExit(f"{name}: record {i} is malformed: {e}.\n"
-                                 f"  Fix or remove it, or set skip_bad=True to skip malformed records.")
-            n_bad += 1
-    if n_bad:
-        log(f"skipped {n_bad} malformed record(s) of {n_seen} in {source} (skip_bad=True)")
+    counts.update(tied=n_tied, records=len(out))
+    if counts["skipped"]:
+        log(f"skipped {counts['skipped']} malformed record(s) of {counts['read']} in {source} (skip_bad=True)")
+    if n_tied:
+        log(f"dropped {n_tied} tied pair(s) in {source}: responses with equal scores are no preference")
     if not out:
-        raise SystemExit(f"{source}: no usable preference records")
-    return out
+        raise DataError(f"{source}: no usable preference records ({counts['read']} read, {counts['skipped']} "
+                        f"malformed and skipped, {n_tied} tied pair(s) dropped)")
+    return (out, counts) if return_counts else out
 
 
 def task_pairs(n, split="train", seed=0):
@@ -210,10 +238,15 @@ def sampled_task_pairs(model, tokenizer, examples, num_samples=4, temperature=1.
 
 
 def split_off(records, fraction, seed=0):
-    """(train, val): a seeded random `fraction` of the records held out."""
+    """(train, val): a seeded random `fraction` of the records held out (at least one)."""
+    n_val = max(1, int(len(records) * fraction))
+    if n_val >= len(records):
+        raise DataError(f"{len(records)} preference record(s): holding out val_fraction={fraction} of them for "
+                        f"validation (at least 1) takes {n_val}, which leaves nothing for training; give more records"
+                        f"{', a smaller val_fraction' if n_val > 1 else ''} or a separate validation file with "
+                        f"val_data=PATH")
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
-    n_val = max(1, int(len(records) * fraction))
     return [records[i] for i in order[n_val:]], [records[i] for i in order[:n_val]]
 
 
@@ -255,10 +288,13 @@ def encode_records(records, tokenizer, max_len, verbose=True, what="preference d
             dropped += 1
             continue
         out.append({**r, "tokens": seqs})
+    if not records:
+        raise DataError(f"{what}: no preference records to encode")
     if dropped and verbose:
         print(f"{what}: dropped {dropped} of {len(records)} records longer than {max_len} tokens")
     if not out:
-        raise SystemExit(f"{what}: every record is longer than max_len={max_len} tokens; raise max_len")
+        raise DataError(f"{what}: all {len(records)} record(s) are longer than max_len={max_len} tokens; raise "
+                        f"max_len (up to the model's max_seq_len) or shorten the data")
     return out
 
 

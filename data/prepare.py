@@ -22,6 +22,9 @@ import time
 
 import numpy as np
 
+from data.chat import BadRecord
+from data.records import DataError, iter_records, read_records
+
 MAGIC = 20241201
 VERSION = 1
 HEADER_BYTES = 1024
@@ -133,7 +136,6 @@ def iter_source(source, config=None, split="train"):
         for i, doc in enumerate(embedded_documents()):
             yield "embedded", i, {"text": doc}
         return
-    from data.records import iter_records
     path, name = PRESETS[source][:2] if source in PRESETS else (source, config)
     yield from iter_records(path, split=split, config=name)
 
@@ -161,7 +163,6 @@ def prepare(source, out_dir, tokenizer="default", val_fraction=0.005, text_field
         text_field = PRESETS[source][2]
     writers = {s: TokenWriter(os.path.join(out_dir, f"{s}.bin"), tok.vocab_size) for s in ("train", "val")}
     n_docs = {"train": 0, "val": 0}
-    n_skipped = 0
     t0 = time.time()
 
     def flush(batch):
@@ -174,22 +175,21 @@ def prepare(source, out_dir, tokenizer="default", val_fraction=0.005, text_field
                 writers[s].write(np.concatenate([np.asarray(p, dtype=np.int64) for p in parts]))
                 n_docs[s] += len(parts)
 
+    def text_of(rec):
+        text = rec.get(text_field) if isinstance(rec, dict) else None
+        if not isinstance(text, str):
+            fields = list(rec) if isinstance(rec, dict) else type(rec).__name__
+            problem = "is missing or null" if text is None else f"is {type(text).__name__}, not a string"
+            raise BadRecord(f"field {text_field!r} {problem} (record fields: {fields}). "
+                            f"Pick the text column with --text_field")
+        return text
+
+    counts = {}
     try:
         batch = []
         n = 0  # documents accepted so far; the split is by this index
-        for where, index, rec in iter_source(source, config=config, split=split):
-            if max_docs is not None and n >= max_docs:
-                break
-            text = rec.get(text_field) if isinstance(rec, dict) else None
-            if not isinstance(text, str):
-                if skip_bad:
-                    n_skipped += 1
-                    continue
-                fields = list(rec) if isinstance(rec, dict) else type(rec).__name__
-                problem = "is missing or null" if text is None else f"is {type(text).__name__}, not a string"
-                raise ValueError(f"{where}: record {index} (0-based): field {text_field!r} {problem} "
-                                 f"(record fields: {fields}). Pick the text column with --text_field, "
-                                 f"or pass --skip_bad to skip such records.")
+        for text in read_records(iter_source(source, config=config, split=split), text_of, skip_bad, counts,
+                                 hint="pass --skip_bad to skip such records"):
             batch.append((n, text))
             n += 1
             if len(batch) == batch_size:
@@ -198,15 +198,18 @@ def prepare(source, out_dir, tokenizer="default", val_fraction=0.005, text_field
                 if verbose and n % (batch_size * 100) == 0:
                     ntok = writers["train"].n_tokens + writers["val"].n_tokens
                     print(f"{n:,} docs, {ntok:,} tokens, {ntok / (time.time() - t0):,.0f} tokens/s")
+            if max_docs is not None and n >= max_docs:
+                break
         if batch:
             flush(batch)
         if n_docs["train"] == 0:
-            raise ValueError(f"source {source!r} gave {n} usable document(s); need at least 2 "
-                             f"(one goes to val, the rest to train)")
+            raise DataError(f"source {source!r} gave {n} usable document(s) ({counts['read']} record(s) read, "
+                            f"{counts['skipped']} skipped); need at least 2 (one goes to val, the rest to train)")
     except BaseException:
         for w in writers.values():
             w.abort()
         raise
+    n_skipped = counts["skipped"]
     for w in writers.values():
         w.close()
 
@@ -236,10 +239,14 @@ if __name__ == "__main__":
     parser.add_argument("--text_field", type=str, default="text")
     parser.add_argument("--num_proc", type=int, default=None, help="tokeniser threads (default: all cores)")
     parser.add_argument("--max_docs", type=int, default=None)
-    parser.add_argument("--skip_bad", action="store_true", help="skip records without a string text field")
+    parser.add_argument("--skip_bad", action="store_true", help="skip (and count) bad records: no string text field, "
+                        "a line that is not JSON or not UTF-8")
     parser.add_argument("--config", type=str, default=None, help="hub dataset config name")
     parser.add_argument("--split", type=str, default="train", help="hub dataset split")
     args = parser.parse_args()
-    prepare(args.source, args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
-            text_field=args.text_field, num_proc=args.num_proc, max_docs=args.max_docs,
-            skip_bad=args.skip_bad, config=args.config, split=args.split)
+    try:
+        prepare(args.source, args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
+                text_field=args.text_field, num_proc=args.num_proc, max_docs=args.max_docs,
+                skip_bad=args.skip_bad, config=args.config, split=args.split)
+    except (BadRecord, DataError, FileNotFoundError) as e:  # bad input: say what and where, no traceback
+        raise SystemExit(f"prepare: {e}")

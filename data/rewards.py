@@ -15,15 +15,17 @@ Verifiers only parse strings: model text is never executed or evaluated.
 
 GSM8K (openai/gsm8k, config "main") records are {"question": str, "answer": str}, where the
 answer is a worked solution ending in "#### 72". load_gsm8k reads them from the Hugging
-Face hub through `datasets`, or from a local .jsonl/.json/.parquet file with that schema.
+Face hub through `datasets`, or from local .jsonl/.json/.parquet files (or a directory of them) with
+that schema, through data/records.py: a bad record or line is named by file and record, or skipped
+and counted with skip_bad.
 """
 
-import json
-import os
 import re
 from decimal import Decimal
 
 from data import tasks
+from data.chat import BadRecord
+from data.records import DataError, iter_records, local_files, read_records
 
 # -----------------------------------------------------------------------------
 # GSM8K answers
@@ -47,42 +49,53 @@ def extract_hash_answer(text):
     return parse_number(text.rsplit("####", 1)[1])
 
 
-def gsm8k_example(record, where="record"):
-    """One GSM8K record {"question", "answer"} -> dict(task="gsm8k", prompt, answer=final number, solution)."""
-    if not isinstance(record, dict) or "question" not in record or "answer" not in record:
-        keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-        raise ValueError(f"GSM8K {where}: expected keys 'question' and 'answer' (openai/gsm8k schema), got {keys}")
+def gsm8k_example(record):
+    """One GSM8K record {"question", "answer"} -> dict(task="gsm8k", prompt, answer=final number, solution).
+    Raises BadRecord."""
+    if not isinstance(record, dict) or record.get("question") is None or record.get("answer") is None:
+        keys = (sorted(k for k, v in record.items() if v is not None) if isinstance(record, dict)
+                else type(record).__name__)
+        raise BadRecord(f"expected keys 'question' and 'answer' (the openai/gsm8k schema), got {keys}")
+    for key in ("question", "answer"):
+        if not isinstance(record[key], str):
+            raise BadRecord(f"{key!r} must be a string, got {type(record[key]).__name__}: {record[key]!r:.80}")
+    if not record["question"].strip():
+        raise BadRecord("the question is empty")
     final = extract_hash_answer(record["answer"])
     if final is None:
-        raise ValueError(f"GSM8K {where}: the answer has no '#### <number>' final line: {record['answer'][-80:]!r}")
+        raise BadRecord(f"the answer has no '#### <number>' final line: {record['answer'][-80:]!r}")
     return dict(task="gsm8k", prompt=record["question"].strip(), answer=final, solution=record["answer"])
 
 
-def load_gsm8k(split="train", path=None):
-    """GSM8K examples. path: a local .jsonl / .json / .parquet file with the openai/gsm8k schema;
-    None: openai/gsm8k "main" from the hub via `datasets` (needs network or a warm HF cache)."""
+def load_gsm8k(split="train", path=None, skip_bad=False, log=print, return_counts=False):
+    """GSM8K examples. path: local .jsonl / .json / .parquet file(s) with the openai/gsm8k schema (a file, a
+    directory of them, a glob or a comma-separated list; see data/records.py); None: openai/gsm8k "main"
+    from the hub via `datasets` (needs network or a warm HF cache). A malformed record stops with a BadRecord
+    naming the file and record; with skip_bad it is skipped, and the number skipped is logged.
+    return_counts=True also returns dict(read, skipped, examples): (examples, counts)."""
     if path:
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"GSM8K file {path} not found")
-        if path.endswith(".jsonl"):
-            with open(path) as f:
-                rows = []
-                for i, line in enumerate(f):
-                    if line.strip():
-                        try:
-                            rows.append(json.loads(line))
-                        except json.JSONDecodeError as e:
-                            raise ValueError(f"{path} line {i + 1}: not valid JSON ({e.msg})") from None
-        else:
-            import datasets
-            kind = "parquet" if path.endswith(".parquet") else "json"
-            rows = list(datasets.load_dataset(kind, data_files=path, split="train"))
-        where = lambda i: f"{path} record {i}"
+        if local_files(path) is None:  # a name that is no local path would be taken for a hub dataset
+            raise FileNotFoundError(f"GSM8K data path {path!r} does not exist; give .jsonl/.json/.parquet "
+                                    f"file(s) with 'question' and 'answer' fields, or a directory of them")
+        rows, name = iter_records(path), path
     else:
         import datasets
-        rows = list(datasets.load_dataset("openai/gsm8k", "main", split=split))
-        where = lambda i: f"openai/gsm8k[{split}] record {i}"
-    return [gsm8k_example(r, where(i)) for i, r in enumerate(rows)]
+        name = f"openai/gsm8k[{split}]"
+        try:
+            ds = datasets.load_dataset("openai/gsm8k", "main", split=split)
+        except Exception as e:  # noqa: BLE001
+            raise DataError(f"could not load openai/gsm8k (config 'main', split {split!r}): {e}\n"
+                            f"Without network, give local files with data_path=PATH") from e
+        rows = ((name, i, r) for i, r in enumerate(ds))
+    counts = {}
+    examples = list(read_records(rows, gsm8k_example, skip_bad, counts))
+    counts["examples"] = len(examples)
+    if counts["skipped"]:
+        log(f"skipped {counts['skipped']} malformed GSM8K record(s) of {counts['read']} in {name} (skip_bad=True)")
+    if not examples:
+        raise DataError(f"{name}: no usable GSM8K records ({counts['read']} read, {counts['skipped']} malformed "
+                        f"and skipped)")
+    return (examples, counts) if return_counts else examples
 
 
 # -----------------------------------------------------------------------------

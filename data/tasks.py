@@ -13,8 +13,11 @@ Tasks (answers are short, so a tiny CPU model can learn them in minutes):
   max      "Which is largest: 41, 7, 63?"           -> "63"
 Letters and digits are space-separated so each one is its own token.
 
-Train and test are disjoint by construction: a question belongs to the test split
-iff a hash of its text falls in the test bucket, whichever seed generated it.
+Train and test are disjoint by content, by construction: a question belongs to the test
+split iff a hash of its content falls in the test bucket, whichever seed generated it. The
+content is order-free (the two operands of add, the multiset of digits to sort or letters
+to count with the letter counted, the set of letters to reverse or numbers to compare), so
+"What is 58 + 37?" in training never gives away the test question "What is 37 + 58?".
 Scoring parses the answer out of the model's text and compares strings; it never
 executes or evaluates model output.
 """
@@ -28,49 +31,56 @@ LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
 def _make(task, rng):
+    """(prompt, answer, key): key is the question's content, the same for every question that is the same
+    question in another order (37 + 58 and 58 + 37; the same digits to sort, letters to reverse, numbers
+    to compare, or letters to count, in any order)."""
     if task == "add":
         a, b = rng.randint(0, 99), rng.randint(0, 99)
-        return f"What is {a} + {b}?", str(a + b)
+        return f"What is {a} + {b}?", str(a + b), f"add {min(a, b)} {max(a, b)}"
     if task == "reverse":
         s = rng.sample(LETTERS, rng.randint(3, 6))
-        return f"Reverse the letters: {' '.join(s)}", " ".join(reversed(s))
+        return f"Reverse the letters: {' '.join(s)}", " ".join(reversed(s)), "reverse " + "".join(sorted(s))
     if task == "sort":
         d = [str(rng.randint(0, 9)) for _ in range(rng.randint(3, 6))]
-        return f"Sort the digits: {' '.join(d)}", " ".join(sorted(d))
+        return f"Sort the digits: {' '.join(d)}", " ".join(sorted(d)), "sort " + "".join(sorted(d))
     if task == "count":
         target = rng.choice(LETTERS[:6])
         s = [rng.choice(LETTERS[:6]) for _ in range(rng.randint(4, 8))]
-        return f"How many times does {target} appear in: {' '.join(s)}", str(s.count(target))
+        return (f"How many times does {target} appear in: {' '.join(s)}", str(s.count(target)),
+                f"count {target} in " + "".join(sorted(s)))
     if task == "max":
         nums = [rng.randint(0, 99) for _ in range(3)]
-        return f"Which is largest: {', '.join(map(str, nums))}?", str(max(nums))
+        return (f"Which is largest: {', '.join(map(str, nums))}?", str(max(nums)),
+                "max " + " ".join(map(str, sorted(set(nums)))))
     raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(TASKS)}")
 
 
-def in_test_split(prompt, test_fraction=0.1):
-    h = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "little")
+def in_test_split(key, test_fraction=0.1):
+    """Whether a question, by its content key (see _make), is in the test split."""
+    h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
     return h % 10_000 < test_fraction * 10_000
 
 
 def generate(n, split="train", seed=0, tasks=TASKS, test_fraction=0.1):
     """n examples dict(task, prompt, answer) of the given split ("train" or "test"), round-robin over tasks.
-    Duplicates within a split are allowed for train (as in any sampled dataset), not for test."""
+    Duplicates within a split are allowed for train (as in any sampled dataset), not for test: no two test
+    questions are the same question in another order."""
     assert split in ("train", "test"), f"split must be 'train' or 'test', got {split!r}"
     rng = random.Random(f"{split}-{seed}")
     out, seen = [], set()
     i = 0
     while len(out) < n:
-        task = tasks[i % len(tasks)]
+        task = tasks[len(out) % len(tasks)]  # the same number of questions of each task
         i += 1
-        prompt, answer = _make(task, rng)
-        if in_test_split(prompt, test_fraction) != (split == "test"):
+        prompt, answer, key = _make(task, rng)
+        if in_test_split(key, test_fraction) != (split == "test"):
             continue
         if split == "test":
-            if prompt in seen:
+            if key in seen:
                 if i > 1000 * n:
                     raise ValueError(f"cannot draw {n} distinct test questions from tasks {tasks}")
                 continue
-            seen.add(prompt)
+            seen.add(key)
         out.append(dict(task=task, prompt=prompt, answer=answer))
     return out
 

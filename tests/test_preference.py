@@ -79,7 +79,7 @@ def test_load_jsonl_names_file_and_index(tmp_path):
             {"prompt": "q3", "chosen": "e"},                    # record 2: no rejected
             {"prompt": "q4", "chosen": "g", "rejected": "h"}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(BadRecord) as e:
         load_preferences(str(path))
     assert str(path) in str(e.value) and "record 2" in str(e.value) and "skip_bad" in str(e.value)
     logged = []

@@ -75,11 +75,11 @@ def test_load_gsm8k_local_jsonl(tmp_path):
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"question": "q", "answer": "no marker"}) + "\n")
-    with pytest.raises(ValueError, match=r"bad.jsonl record 1.*####"):
+    with pytest.raises(ValueError, match=r"bad\.jsonl: record 1: .*####"):
         load_gsm8k("train", str(bad))
     wrong = tmp_path / "wrong.jsonl"
     wrong.write_text(json.dumps({"prompt": "q", "completion": "a"}) + "\n")
-    with pytest.raises(ValueError, match="record 0.*'question' and 'answer'"):
+    with pytest.raises(ValueError, match="record 0: expected keys 'question' and 'answer'"):
         load_gsm8k("train", str(wrong))
 
 
