@@ -207,6 +207,8 @@ if __name__ == "__main__":
 
     from checkpoint import checkpoint_dict, load_model, model_state_dict, save_checkpoint
     from data import tasks
+    from data.chat import BadRecord
+    from data.records import DataError
     from data.preference import (as_pairs, encode_records, load_preferences, pad_batch, sampled_task_pairs, split_off,
                                  task_pairs as make_task_pairs)
     from data.tokenizer import get_tokenizer
@@ -257,14 +259,21 @@ if __name__ == "__main__":
             log(f"sampled {len(extra)} on-policy pairs from {sampled_pairs} questions x {num_samples} samples")
             train_records += extra
     else:
-        train_records = load_preferences(data, train_split, skip_bad, None if max_records < 0 else max_records, log=log)
-        if val_data:
-            val_records = load_preferences(val_data, val_split, skip_bad, max_val_records, log=log)
-        else:
-            train_records, val_records = split_off(train_records, val_fraction, seed)
+        try:
+            train_records = load_preferences(data, train_split, skip_bad, None if max_records < 0 else max_records,
+                                             log=log)
+            if val_data:
+                val_records = load_preferences(val_data, val_split, skip_bad, max_val_records, log=log)
+            else:
+                train_records, val_records = split_off(train_records, val_fraction, seed)
+        except (BadRecord, DataError, FileNotFoundError) as e:
+            raise SystemExit(f"dpo: {e}")
     # K ranked responses -> all C(K, 2) pairs
-    train_set = encode_records(as_pairs(train_records), tok, seq_cap, verbose=master, what="train")
-    val_set = encode_records(as_pairs(val_records)[:max_val_records], tok, seq_cap, verbose=master, what="val")
+    try:
+        train_set = encode_records(as_pairs(train_records), tok, seq_cap, verbose=master, what="train")
+        val_set = encode_records(as_pairs(val_records)[:max_val_records], tok, seq_cap, verbose=master, what="val")
+    except DataError as e:  # nothing left to train on, and why
+        raise SystemExit(f"dpo: {e}")
     if ddp and data == "tasks" and sampled_pairs:  # each rank sampled its own pairs: train on rank 0's everywhere
         obj = [train_set]
         dist.broadcast_object_list(obj, src=0)

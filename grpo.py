@@ -174,6 +174,7 @@ out_dir = "out/grpo"
 dataset = "tasks"            # "tasks" (data/tasks.py) | "gsm8k" (openai/gsm8k "main" via `datasets`)
 data_path = ""               # gsm8k: a local .jsonl/.json/.parquet train file with the openai/gsm8k schema
 eval_data_path = ""          # gsm8k: the same for the test split
+skip_bad = False             # gsm8k: skip (and count) malformed records instead of stopping at the first
 n_train = 20000              # tasks: number of training questions
 task_subset = "add,count,max"  # tasks: comma-separated subset of data.tasks.TASKS to train and test on ("" = all);
                              # the default leaves out reverse and sort, which SFT already solves (~100%): no signal
@@ -260,7 +261,8 @@ if __name__ == "__main__":
 
     from checkpoint import checkpoint_dict, load_model, model_state_dict, save_checkpoint
     from data import tasks
-    from data.chat import render_prompt
+    from data.chat import BadRecord, render_prompt
+    from data.records import DataError
     from data.rewards import get_reward_funcs, is_correct, load_gsm8k
     from data.tokenizer import get_tokenizer
     from distributed import (check_replicas_identical, fsdp_gathered, grad_sync, parallelize, setup_distributed,
@@ -273,6 +275,9 @@ if __name__ == "__main__":
     def fail(msg):
         raise SystemExit(f"grpo: {msg}")
 
+    if dataset != "gsm8k" and (data_path or eval_data_path):
+        fail(f"data_path / eval_data_path are GSM8K files, but dataset={dataset!r}: add --dataset=gsm8k "
+             f"(or drop the paths to train on the built-in tasks)")
     if not reward_funcs and not reward_model:
         fail("no reward: set reward_funcs (e.g. ('exact',)) and/or reward_model=PATH")
     weights = tuple(reward_weights) or (1.0,) * len(reward_funcs)
@@ -337,8 +342,14 @@ if __name__ == "__main__":
         train_examples = tasks.generate(n_train, "train", seed=seed, tasks=names)
         test_examples = tasks.generate(eval_size, "test", seed=0, tasks=names)
     else:
-        train_examples = load_gsm8k("train", data_path or None)
-        test_examples = load_gsm8k("test", eval_data_path or None)[:eval_size]
+        try:
+            train_examples = load_gsm8k("train", data_path or None, skip_bad, log)
+            test_examples = load_gsm8k("test", eval_data_path or None, skip_bad, log)
+        except (BadRecord, DataError, FileNotFoundError) as e:
+            fail(str(e))
+        if len(test_examples) > eval_size:
+            log(f"evaluating on the first {eval_size} of {len(test_examples)} test questions (eval_size)")
+            test_examples = test_examples[:eval_size]
 
     def prompt_ids(ex):
         return render_prompt(tasks.to_messages(ex, system_prompt or None), tok)
@@ -348,10 +359,12 @@ if __name__ == "__main__":
     train_examples = [ex for ex in train_examples if len(prompt_ids(ex)) <= budget]
     if not train_examples:
         fail(f"every prompt is longer than max_seq_len - max_new_tokens = {budget} tokens; lower --max_new_tokens")
+    n_test_before = len(test_examples)
     test_examples = [ex for ex in test_examples if len(prompt_ids(ex)) <= budget]
     task_names = list(dict.fromkeys(ex["task"] for ex in test_examples))
     log(f"data {dataset}: {len(train_examples)} train prompts ({n_before - len(train_examples)} dropped as too long), "
-        f"{len(test_examples)} test; rewards {dict(zip(reward_funcs, weights))}"
+        f"{len(test_examples)} test ({n_test_before - len(test_examples)} dropped as too long); "
+        f"rewards {dict(zip(reward_funcs, weights))}"
         f"{f' + reward model x{reward_model_weight}' if rm else ''}")
     # Rollouts are sharded by prompt: each rank owns a disjoint stream of prompts and samples all G
     # completions of each of them itself, so every group lives on one rank and its advantages (which

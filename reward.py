@@ -166,6 +166,8 @@ if __name__ == "__main__":
 
     from checkpoint import checkpoint_dict, load_model, model_state_dict, save_checkpoint
     from data import tasks
+    from data.chat import BadRecord
+    from data.records import DataError
     from data.preference import (encode_records, load_preferences, pad_batch, sampled_task_pairs, split_off,
                                  task_pairs as make_task_pairs)
     from data.tokenizer import get_tokenizer
@@ -204,13 +206,20 @@ if __name__ == "__main__":
             log(f"sampled {len(extra)} on-policy pairs from {sampled_pairs} questions")
             train_records += extra
     else:
-        train_records = load_preferences(data, train_split, skip_bad, None if max_records < 0 else max_records, log=log)
-        if val_data:
-            val_records = load_preferences(val_data, val_split, skip_bad, max_val_records, log=log)
-        else:
-            train_records, val_records = split_off(train_records, val_fraction, seed)
-    train_set = encode_records(train_records, tok, seq_cap, verbose=master, what="train")
-    val_set = encode_records(val_records[:max_val_records], tok, seq_cap, verbose=master, what="val")
+        try:
+            train_records = load_preferences(data, train_split, skip_bad, None if max_records < 0 else max_records,
+                                             log=log)
+            if val_data:
+                val_records = load_preferences(val_data, val_split, skip_bad, max_val_records, log=log)
+            else:
+                train_records, val_records = split_off(train_records, val_fraction, seed)
+        except (BadRecord, DataError, FileNotFoundError) as e:
+            raise SystemExit(f"reward: {e}")
+    try:
+        train_set = encode_records(train_records, tok, seq_cap, verbose=master, what="train")
+        val_set = encode_records(val_records[:max_val_records], tok, seq_cap, verbose=master, what="val")
+    except DataError as e:  # nothing left to train on, and why
+        raise SystemExit(f"reward: {e}")
     n_resp = sum(len(r["responses"]) for r in train_set) / len(train_set)
     prompts_per_step = batch_size * grad_accum * world_size
     steps = max_steps if max_steps > 0 else max(1, math.ceil(num_epochs * len(train_set) / prompts_per_step))

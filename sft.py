@@ -109,6 +109,7 @@ if __name__ == "__main__":
     log = print if master else (lambda *a, **k: None)
     from data import tasks
     from data.chat import BadRecord, load_conversations, render_prompt
+    from data.records import DataError
     from data.sft_data import collate_padded, micro_batches, tokenize_conversations
     from data.tokenizer import get_tokenizer
 
@@ -158,7 +159,7 @@ if __name__ == "__main__":
         try:
             train_convs = load_conversations(data, split=data_split, skip_bad=skip_bad, log=log)
             val_convs = load_conversations(val_data, split=data_split, skip_bad=skip_bad, log=log) if val_data else None
-        except (BadRecord, FileNotFoundError) as e:
+        except (BadRecord, DataError, FileNotFoundError) as e:
             raise SystemExit(f"sft: bad training data: {e}")
         if not val_data:
             if val_size >= len(train_convs):

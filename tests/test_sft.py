@@ -60,7 +60,8 @@ def test_packing_is_loss_and_gradient_equivalent(tok):
     loss.backward()
     assert loss.item() == pytest.approx(ref, rel=1e-5)
     for n, g in _grads(model).items():
-        torch.testing.assert_close(g, ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+        # fp32 rounding of sums in another order: judge each tensor relative to its own scale
+        torch.testing.assert_close(g, ref_grads[n], rtol=1e-4, atol=1e-5 * ref_grads[n].abs().max().item(), msg=n)
     # the test can tell: without the document mask and positions, packed conversations see each other
     _, leaky = model(mb["idx"], mb["targets"], reduction="sum")
     assert abs(leaky.item() - ref) > 1e-4 * abs(ref)
