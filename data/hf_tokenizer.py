@@ -18,11 +18,13 @@ Out: save_hf_tokenizer(tok, out_dir) writes tokenizer.json + tokenizer_config.js
 
 Why tiktoken's BPE equals HF's BPE here: tiktoken merges, at each step, the adjacent pair whose concatenation has
 the lowest rank; HF's BPE merges the adjacent pair with the lowest merge index, only for pairs in its merge list.
-With rank = token id the two agree when (checked at load, refused otherwise) the merge list is in token-id order,
-each merge makes a token from lower-id parts, every non-byte token is made by a merge, and the pair tiktoken would
-merge to make each token (its BPE on the token's own bytes, stopped before the token's rank) is a listed merge.
-Real byte-level models (Qwen, Llama 3: converted from tiktoken rank files) and BPEs trained with `tokenizers`
-satisfy this; the tests check the encodings on unicode, code, digits and whitespace against `tokenizers`.
+With rank = token id the two agree when (checked at load, refused otherwise) the merge list is in token-id order
+and, for every token, the pair tiktoken builds it from (its BPE on the token's own bytes, stopped before the
+token's rank: the only pair it ever uses for that token) is a listed merge; a token that BPE cannot build from its
+own bytes, which tiktoken emits only for a piece that is exactly it, needs HF's ignore_merges=true, which does the
+same. BPEs trained with `tokenizers`, and files made from tiktoken rank files (as Qwen's and Llama 3's were:
+transformers' converter lists every split of every token) satisfy it; the tests check the encodings on unicode,
+code, digits and whitespace against `tokenizers` for both kinds (the real models' files are not downloaded).
 
 How our encode() differs from HF's tokenizer(text): special added tokens ("<|im_end|>", "<|eot_id|>", "[INST]")
 typed in the text are plain text, never control tokens, so user data cannot inject them (HF matches them; with
@@ -212,7 +214,7 @@ def _piece_bytes(piece):
     return b if len(b) == len(piece) else None
 
 
-def byte_level_ranks(vocab, merges, added, where):
+def byte_level_ranks(vocab, merges, added, where, ignore_merges=False):
     """tiktoken ranks {token bytes: id} from a byte-level BPE's vocab and merges, after checking that tiktoken's
     rank-order BPE reproduces the merge list exactly (see the module docstring)."""
     added_ids = {a["content"]: a["id"] for a in added}
@@ -234,10 +236,9 @@ def byte_level_ranks(vocab, merges, added, where):
     if missing:
         _refuse(where, f"model.vocab lacks the single-byte tokens for bytes {missing[:8]}{'...' if len(missing) > 8 else ''}"
                        f"; tiktoken needs all 256 (train with initial_alphabet=ByteLevel.alphabet())")
-    pairs, products, last_id = set(), set(), -1
+    pairs, last_id = set(), -1
     for k, (a, b) in enumerate(_merge_pairs(merges, where)):
-        ia, ib, it = vocab.get(a), vocab.get(b), vocab.get(a + b)
-        if ia is None or ib is None or it is None:
+        if vocab.get(a) is None or vocab.get(b) is None or vocab.get(a + b) is None:
             _refuse(where, f"model.merges[{k}] = ({a!r}, {b!r}): a part or the merged token is not in model.vocab")
         ba, bb = _piece_bytes(a), _piece_bytes(b)
         t = ba + bb
@@ -245,22 +246,22 @@ def byte_level_ranks(vocab, merges, added, where):
             _refuse(where, f"model.merges[{k}] makes {piece_of[t]!r} (id {ranks[t]}) after a merge that made id "
                            f"{last_id}: the merge order is not the token-id order, so tiktoken (which ranks merges "
                            f"by token id) cannot reproduce it")
-        if ranks[t] <= max(ranks[ba], ranks[bb]):
-            _refuse(where, f"model.merges[{k}] makes {piece_of[t]!r} (id {ranks[t]}) from a part with a higher id")
         last_id = ranks[t]
         pairs.add((ba, bb))
-        products.add(t)
     for t, i in ranks.items():
-        if len(t) > 1 and t not in products:
-            _refuse(where, f"model.vocab token {piece_of[t]!r} (id {i}) is made by no merge in model.merges; HF can only "
-                           f"produce it as a whole word, tiktoken also mid-word, so they would differ")
-    for t in products:
-        parts = _bpe_parts(t, ranks, ranks[t])
-        if len(parts) != 2 or (parts[0], parts[1]) not in pairs:
-            shown = [piece_of[p] for p in parts]
-            _refuse(where, f"token {piece_of[t]!r} (id {ranks[t]}): tiktoken's rank-order BPE would build it from "
-                           f"{shown}, which is not a listed merge, so tiktoken and HF would encode some text "
-                           f"differently")
+        if len(t) < 2:
+            continue
+        parts = _bpe_parts(t, ranks, i)
+        if len(parts) == 2:
+            if (parts[0], parts[1]) not in pairs:
+                _refuse(where, f"token {piece_of[t]!r} (id {i}): tiktoken's rank-order BPE builds it from "
+                               f"{[piece_of[p] for p in parts]}, which is not a listed merge in model.merges, so "
+                               f"tiktoken and HF would encode some text differently")
+        elif not ignore_merges:
+            _refuse(where, f"token {piece_of[t]!r} (id {i}) cannot be built by merges from its own bytes (tiktoken's "
+                           f"BPE stops at {[piece_of[p] for p in parts]}), so tiktoken emits it only for a piece that "
+                           f"is exactly it; HF does that too only with model.ignore_merges=true, which this file does "
+                           f"not set")
     return ranks
 
 
@@ -363,8 +364,7 @@ class SentencePieceBPE:
                                        or (d.get("type") == "Metaspace" and d.get("prepend_scheme", "always") != "never"
                                            and d.get("add_prefix_space", True))
                                        for d in dec_steps)
-        self.matched = set()  # added tokens matched in text: set by the Tokenizer (the non-special ones)
-        self._matcher = None
+        self._matcher = None  # (allowed added tokens, their regex)
 
     # --- encoding
     def _segment(self, text, at_start):
@@ -446,10 +446,13 @@ class SentencePieceBPE:
     def encode(self, text, allowed_special=(), disallowed_special=(), at_start=True):
         """Encode text; added tokens in `allowed_special` found in it are matched (split out first, as HF does),
         all others are plain text."""
-        allowed = set(allowed_special) & self.special_tokens_set
+        allowed = frozenset(allowed_special) & self.special_tokens_set
         out = []
         if allowed:
-            pat = regex.compile("|".join(regex.escape(s) for s in sorted(allowed, key=len, reverse=True)))
+            if self._matcher is None or self._matcher[0] != allowed:  # longest first, like HF's added vocabulary
+                self._matcher = (allowed, regex.compile("|".join(regex.escape(s) for s in
+                                                                 sorted(allowed, key=len, reverse=True))))
+            pat = self._matcher[1]
             pos = 0
             for m in pat.finditer(text):
                 out += self._segment(text[pos:m.start()], at_start and pos == 0)
@@ -506,7 +509,9 @@ def read_tokenizer_json(path):
     pre = tj.get("pre_tokenizer")
     pre_types = [s.get("type") for s in (pre.get("pretokenizers", []) if pre and pre.get("type") == "Sequence"
                                          else [pre] if pre else [])]
-    info = {"added": added, "post_processor": tj.get("post_processor"), "ignore_merges": model.get("ignore_merges")}
+    info = {"added": added, "post_processor": tj.get("post_processor"), "ignore_merges": model.get("ignore_merges"),
+            # added tokens that tokenizers' trainer also put into model.vocab (written back there on export)
+            "in_vocab": {a["content"]: a["id"] for a in added if (model.get("vocab") or {}).get(a["content"]) == a["id"]}}
     if "ByteLevel" in pre_types:
         _check_model(model, where, byte_fallback=False)
         pattern = _byte_level_pattern(pre, where)
@@ -515,14 +520,15 @@ def read_tokenizer_json(path):
         dec = tj.get("decoder")
         if not dec or dec.get("type") != "ByteLevel":
             _refuse(where, f"decoder is {dec and dec.get('type')!r}; a byte-level BPE needs the ByteLevel decoder")
-        ranks = byte_level_ranks(model["vocab"], model["merges"], added, where)
+        ranks = byte_level_ranks(model["vocab"], model["merges"], added, where, bool(model.get("ignore_merges")))
         specials = {a["content"]: a["id"] for a in added}
         clash = set(specials.values()) & set(ranks.values())
         if clash:
             _refuse(where, f"added token ids {sorted(clash)[:5]} are also ids of ordinary vocab tokens")
         name = os.path.basename(os.path.dirname(os.path.abspath(path))) or "hf"
         enc = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
-        info.update(kind="byte_level", pattern=pattern, normalizer=normalizer)
+        info.update(kind="byte_level", pattern=pattern, normalizer=normalizer,
+                    json={"pre_tokenizer": pre, "decoder": dec})  # written back as they were on export
         return enc, info
     if model.get("byte_fallback") or any(t == "Metaspace" for t in pre_types):
         enc = SentencePieceBPE(os.path.basename(os.path.dirname(os.path.abspath(path))), tj, where)
@@ -590,9 +596,10 @@ def load_hf_tokenizer(path):
         ranks = load_ranks(tm_path)
         added = [{"id": int(i), "content": d["content"], "special": bool(d.get("special", True))}
                  for i, d in (cfg.get("added_tokens_decoder") or {}).items()]
-        if not added:  # Llama 3's own layout: 256 special tokens after the ranks
+        if not added:  # Meta's own layout (no tokenizer_config.json): Llama 3.1's 256 special tokens after the ranks
             n = len(ranks)
             added = [{"id": n + i, "content": s, "special": True} for i, s in enumerate(LLAMA3_SPECIALS)]
+            cfg = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", **cfg}
         specials = {a["content"]: a["id"] for a in added}
         enc = tiktoken.Encoding(os.path.basename(path), pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks,
                                 special_tokens=specials)
@@ -612,7 +619,12 @@ def load_hf_tokenizer(path):
 
     # the chat template: recognised from its text (never guessed); None when the checkpoint ships none
     text, where = _chat_template_text(path, cfg)
-    template = chat.template_from_text(text, where) if text else None
+    template, template_error = None, None
+    if text:
+        try:
+            template = chat.template_from_text(text, where)
+        except ValueError as e:  # refused when a conversation is rendered; pretraining needs no template
+            template_error = str(e)
     # generation_config.json's eos list (and config.json's as a fallback) are the ids generation stops on
     gen_eos = []
     for fname in ("generation_config.json", "config.json"):
@@ -622,9 +634,11 @@ def load_hf_tokenizer(path):
             if e is not None:
                 gen_eos = [int(x) for x in (e if isinstance(e, list) else [e])]
                 break
-    tok = Tokenizer(path, enc, hf=dict(info, config=cfg, gen_eos=gen_eos), chat_template=template,
+    tok = Tokenizer(path, enc, hf=dict(info, config=cfg, gen_eos=gen_eos, chat_template_text=text),
+                    chat_template=template,
                     bos=config_token("bos_token"), eos=config_token("eos_token"), pad=config_token("pad_token"),
                     unk=config_token("unk_token"))
+    tok.chat_template_error = template_error
     return tok
 
 
@@ -649,22 +663,24 @@ def tokenizer_json(tok):
                 "normalizer": j["normalizer"], "pre_tokenizer": j["pre_tokenizer"],
                 "post_processor": hf.get("post_processor"), "decoder": j["decoder"], "model": j["model"]}
     ranks = tok.enc._mergeable_ranks
-    vocab = {_byte_piece(b): r for b, r in sorted(ranks.items(), key=lambda kv: kv[1])}
+    vocab = {_byte_piece(b): r for b, r in ranks.items()}
+    vocab = dict(sorted({**vocab, **hf.get("in_vocab", {})}.items(), key=lambda kv: kv[1]))
     merges = [[_byte_piece(a), _byte_piece(b)] for a, b in canonical_merges(ranks)]
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
     normalizer = {"type": tok.normalizer} if tok.normalizer else None
     return {
         "version": "1.0", "truncation": None, "padding": None, "added_tokens": added_json,
         "normalizer": normalizer,
-        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+        "pre_tokenizer": hf.get("json", {}).get("pre_tokenizer") or {"type": "Sequence", "pretokenizers": [
             {"type": "Split", "pattern": {"Regex": tok.enc._pat_str}, "behavior": "Isolated", "invert": False},
             byte_level]},
         "post_processor": hf.get("post_processor"),
-        "decoder": byte_level,
-        # tiktoken emits a regex piece that is itself a token whole: ignore_merges=true does the same in HF
+        "decoder": hf.get("json", {}).get("decoder") or byte_level,
+        # tiktoken emits a regex piece that is itself a token whole: ignore_merges=true does the same in HF (an HF
+        # tokenizer loaded with ignore_merges=false was checked to build every token by merges, so it keeps its flag)
         "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
-                  "vocab": vocab, "merges": merges},
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                  "ignore_merges": bool(hf.get("ignore_merges", True)), "vocab": vocab, "merges": merges},
     }
 
 
@@ -673,44 +689,52 @@ def hf_token_ids(tok):
     return {"bos_token_id": tok.bos_id, "eos_token_id": list(tok.stop_ids), "pad_token_id": tok.pad_id}
 
 
+def chat_template_text(tok):
+    """The chat template text to write for tok: the checkpoint's own (even one this repo refused to render), or the
+    repo's ChatML for its own tokenizer; None if there is none."""
+    if tok.chat_template is not None:
+        return tok.chat_template.jinja
+    return (tok.hf or {}).get("chat_template_text")
+
+
 def save_hf_tokenizer(tok, out_dir):
     """Write tokenizer.json, tokenizer_config.json (with the chat template as jinja) and special_tokens_map.json
-    into out_dir, for transformers / vLLM / llama.cpp's converter. Returns the paths written."""
+    into out_dir, for transformers / vLLM / llama.cpp's converter. An HF tokenizer keeps its own config (bos/eos/pad
+    as it shipped them); the repo's own gets bos <|endoftext|>, eos <|im_end|>, pad <|pad|>. Returns the paths."""
     os.makedirs(out_dir, exist_ok=True)
     tj = tokenizer_json(tok)
     hf = tok.hf or {}
-    base = {k: v for k, v in (hf.get("config") or {}).items()
-            if k not in ("added_tokens_decoder", "chat_template", "tokenizer_file", "auto_map")}
 
     def name(i):
         return None if i is None else tok.decode_token(i)
 
-    cfg = {**base,
-           "added_tokens_decoder": {str(a["id"]): {k: a[k] for k in ("content", "lstrip", "normalized", "rstrip",
-                                                                     "single_word", "special")}
-                                    for a in tj["added_tokens"]},
-           "bos_token": name(tok.bos_id), "eos_token": name(tok.end_of_turn_id), "pad_token": name(tok.pad_id),
-           "clean_up_tokenization_spaces": False, "tokenizer_class": "PreTrainedTokenizerFast"}
+    ours = {"bos_token": name(tok.bos_id), "eos_token": name(tok.end_of_turn_id), "pad_token": name(tok.pad_id),
+            "clean_up_tokenization_spaces": False, "tokenizer_class": "PreTrainedTokenizerFast"}
     if tok.unk_id is not None:
-        cfg["unk_token"] = name(tok.unk_id)
-    if not hf:  # the repo's own tokenizer: nothing is added automatically, the template writes the BOS
-        cfg.update(add_bos_token=False, add_eos_token=False, model_max_length=int(1e30))
-    if tok.chat_template is not None:
-        cfg["chat_template"] = tok.chat_template.jinja
+        ours["unk_token"] = name(tok.unk_id)
+    if hf:  # as the checkpoint shipped it
+        cfg = {k: v for k, v in hf["config"].items() if k not in ("added_tokens_decoder", "chat_template")}
+        cfg["tokenizer_class"] = cfg.get("tokenizer_class") or ours["tokenizer_class"]
+    else:  # the repo's own: nothing is added automatically, the template writes the BOS
+        cfg = {**ours, "add_bos_token": False, "add_eos_token": False, "model_max_length": int(1e30)}
+    cfg["added_tokens_decoder"] = {str(a["id"]): {k: a[k] for k in ("content", "lstrip", "normalized", "rstrip",
+                                                                   "single_word", "special")}
+                                   for a in tj["added_tokens"]}
+    template = chat_template_text(tok)
+    if template is not None:
+        cfg["chat_template"] = template
+    special_map = {k: cfg[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token") if cfg.get(k) is not None}
     paths = []
-    for fname, obj in (("tokenizer.json", tj), ("tokenizer_config.json", cfg),
-                       ("special_tokens_map.json", {k: cfg[k] for k in ("bos_token", "eos_token", "pad_token",
-                                                                        "unk_token") if cfg.get(k) is not None})):
+    for fname, obj in (("tokenizer.json", tj), ("tokenizer_config.json", cfg), ("special_tokens_map.json", special_map)):
         p = os.path.join(out_dir, fname)
         with open(p + ".tmp", "w", encoding="utf-8") as f:
             json.dump(obj, f, ensure_ascii=False, indent=2 if fname != "tokenizer.json" else None)
-        os.replace(p + ".tmp", p)
+        os.replace(p + ".tmp", p)  # atomic: a crash never leaves a half-written file
         paths.append(p)
     # transformers prefers chat_template.jinja over tokenizer_config.json's template: keep one there in step
     jinja = os.path.join(out_dir, "chat_template.jinja")
-    if os.path.exists(jinja) and tok.chat_template is not None:
+    if os.path.exists(jinja) and template is not None:
         with open(jinja, "w", encoding="utf-8") as f:
-            f.write(tok.chat_template.jinja)
+            f.write(template)
         paths.append(jinja)
     return paths
-

@@ -213,6 +213,7 @@ class Tokenizer:
         self.enc = enc
         self.vocab_size = enc.n_vocab  # includes the special tokens
         self.hf = hf  # what export needs from an HF tokenizer (None for the repo's own)
+        self.chat_template_error = None  # why an HF checkpoint's template was refused, if it was
         if hf is None:
             self.normalizer, self.in_text = None, frozenset()
             self.eot_id = self.token_id("<|endoftext|>")
@@ -241,15 +242,16 @@ class Tokenizer:
         self.im_start_id = first("<|im_start|>")
         self.im_end_id = first("<|im_end|>")
         family_eot = chat_template.end_of_turn if chat_template is not None else None
-        self.end_of_turn_id = first(family_eot, eos)
+        self.end_of_turn_id = first(family_eot, eos, "<|eot_id|>", "<|im_end|>", "</s>", "<|endoftext|>",
+                                    "<|end_of_text|>")
         reserved = sorted((i, s) for s, i in enc._special_tokens.items() if "reserved" in s)
         self.pad_id = first(pad, "<|finetune_right_pad_id|>", reserved[0][1] if reserved else None, unk,
                             "<|endoftext|>", "<|end_of_text|>", eos)
         stops = [self.end_of_turn_id] + list(hf.get("gen_eos") or []) + ([] if hf.get("gen_eos") else [eos_id])
         self.stop_ids = tuple(dict.fromkeys(i for i in stops if i is not None))
         if self.end_of_turn_id is None:
-            raise ValueError(f"{name}: the tokenizer has no end-of-turn token: no eos_token in tokenizer_config.json "
-                             f"and no chat template naming one")
+            raise ValueError(f"{name}: the tokenizer has no end-of-turn token: no eos_token in tokenizer_config.json, "
+                             f"no chat template naming one, and none of <|eot_id|>, <|im_end|>, </s>, <|endoftext|>")
 
     def encode(self, text):
         # special tokens typed by a user ("<|im_end|>") are plain text, never the special token, so user data
