@@ -63,7 +63,8 @@ class ChatTemplate:
         self.options = dict(options or {})
 
     def with_options(self, **options):
-        """A copy with some options changed, e.g. tok.chat_template = tok.chat_template.with_options(enable_thinking=False)."""
+        """A copy with some options changed:
+        tok.chat_template = tok.chat_template.with_options(enable_thinking=False)."""
         unknown = sorted(set(options) - set(self.options))
         if unknown:
             raise ValueError(f"chat template {self.name!r} has no option(s) {unknown}; it has {sorted(self.options)}")
@@ -107,11 +108,13 @@ def template_from_text(text, where="the chat template"):
     """The ChatTemplate of a checkpoint's jinja text; an unknown text is refused (ValueError), never guessed."""
     family = KNOWN_TEMPLATES.get(_template_key(text))
     if family is None:
-        hints = [n for n, marker in (("qwen3", "<think>"), ("qwen2.5", "<|im_start|>"), ("llama3", "<|start_header_id|>"),
-                                     ("mistral", "[INST]")) if marker in text]
+        markers = (("qwen3", "<think>"), ("qwen2.5", "<|im_start|>"), ("llama3", "<|start_header_id|>"),
+                   ("mistral", "[INST]"))
+        hints = [n for n, marker in markers if marker in text]
+        like = f"; it looks like {hints[0]} but differs from it" if hints else ""
         raise ValueError(f"{where}: this chat template is not one the repo renders (known: the published Qwen2.5-"
                          f"Instruct, Qwen3, Llama-3.1-Instruct and Mistral-7B-Instruct-v0.3 templates, and the "
-                         f"repo's own ChatML){'; it looks like ' + hints[0] + ' but differs from it' if hints else ''}. "
+                         f"repo's own ChatML){like}. "
                          f"A guessed format would silently train the wrong one: if it renders exactly like a known "
                          f"family, add its sha256 ({_template_key(text)}) to KNOWN_TEMPLATES in data/chat.py "
                          f"together with a test against transformers' apply_chat_template")

@@ -234,8 +234,8 @@ def byte_level_ranks(vocab, merges, added, where, ignore_merges=False):
         piece_of[b] = piece
     missing = [i for i in range(256) if bytes([i]) not in ranks]
     if missing:
-        _refuse(where, f"model.vocab lacks the single-byte tokens for bytes {missing[:8]}{'...' if len(missing) > 8 else ''}"
-                       f"; tiktoken needs all 256 (train with initial_alphabet=ByteLevel.alphabet())")
+        _refuse(where, f"model.vocab lacks the single-byte tokens for {len(missing)} byte values ({missing[:8]}...); "
+                       f"tiktoken needs all 256 (train with initial_alphabet=ByteLevel.alphabet())")
     pairs, last_id = set(), -1
     for k, (a, b) in enumerate(_merge_pairs(merges, where)):
         if vocab.get(a) is None or vocab.get(b) is None or vocab.get(a + b) is None:
@@ -511,7 +511,8 @@ def read_tokenizer_json(path):
                                          else [pre] if pre else [])]
     info = {"added": added, "post_processor": tj.get("post_processor"), "ignore_merges": model.get("ignore_merges"),
             # added tokens that tokenizers' trainer also put into model.vocab (written back there on export)
-            "in_vocab": {a["content"]: a["id"] for a in added if (model.get("vocab") or {}).get(a["content"]) == a["id"]}}
+            "in_vocab": {a["content"]: a["id"] for a in added
+                         if (model.get("vocab") or {}).get(a["content"]) == a["id"]}}
     if "ByteLevel" in pre_types:
         _check_model(model, where, byte_fallback=False)
         pattern = _byte_level_pattern(pre, where)
@@ -535,8 +536,9 @@ def read_tokenizer_json(path):
         info.update(kind="sentencepiece", normalizer=None, json={k: tj.get(k) for k in
                                                                   ("normalizer", "pre_tokenizer", "decoder", "model")})
         return enc, info
-    _refuse(where, f"model.type {model.get('type')!r} with pre_tokenizer {pre_types or None}: neither a byte-level BPE "
-                   f"(ByteLevel pre-tokenizer) nor a SentencePiece-style BPE (byte_fallback / Metaspace); not supported")
+    _refuse(where, f"model.type {model.get('type')!r} with pre_tokenizer {pre_types or None}: neither a byte-level "
+                   f"BPE (ByteLevel pre-tokenizer) nor a SentencePiece-style BPE (byte_fallback / Metaspace); not "
+                   f"supported")
 
 
 def _is_tiktoken_file(path):
@@ -725,7 +727,8 @@ def save_hf_tokenizer(tok, out_dir):
         cfg["chat_template"] = template
     special_map = {k: cfg[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token") if cfg.get(k) is not None}
     paths = []
-    for fname, obj in (("tokenizer.json", tj), ("tokenizer_config.json", cfg), ("special_tokens_map.json", special_map)):
+    for fname, obj in (("tokenizer.json", tj), ("tokenizer_config.json", cfg),
+                       ("special_tokens_map.json", special_map)):
         p = os.path.join(out_dir, fname)
         with open(p + ".tmp", "w", encoding="utf-8") as f:
             json.dump(obj, f, ensure_ascii=False, indent=2 if fname != "tokenizer.json" else None)

@@ -196,7 +196,7 @@ class Tokenizer:
       pad_id          fills batches; pad positions are never attended to or trained, so any id is safe. Families
                       without a pad token (Llama 3, Mistral) get a token the model never produces: Llama 3.1's
                       <|finetune_right_pad_id|>, a reserved special token, or <unk>
-      bos_id          put before every pretraining document (None when the family has no BOS, e.g. Qwen);
+      bos_id          put before every pretraining document (None when the family has no BOS, e.g. Qwen)
       eot_id          the end-of-text token (<|endoftext|>, <|end_of_text|>, </s>). Pretraining's document
                       separator is bos_id, or eot_id where bos_id is None
       chat_template   the data.chat.ChatTemplate that data.chat.render / render_prompt use (None: the checkpoint

@@ -3,12 +3,13 @@ Tiny Hugging Face tokenizer directories built inside the tests with the `tokeniz
 in the layouts real checkpoints use: byte-level BPEs with Qwen2's pre-tokenizer (NFC + single digits), Llama 3's
 (no normalizer, digits in groups of 3) and GPT-2's (ByteLevel with its built-in regex); SentencePiece-style BPEs
 like Mistral's (byte fallback, "▁" for spaces) in the legacy (Prepend normalizer) and the Metaspace layout.
-Special tokens, non-special added tokens, tokenizer_config.json (bos/eos/pad, chat template from
-tests/fixtures/chat_templates/) and generation_config.json as the families ship them.
+Trained on a fixed, seeded text; special tokens, non-special added tokens, tokenizer_config.json (bos/eos/pad,
+chat template from tests/fixtures/chat_templates/) and generation_config.json as the families ship them.
 """
 
 import json
 import os
+import random
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
@@ -28,18 +29,38 @@ LLAMA_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_to
 MISTRAL_SPECIALS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]"]
 BYTE_PIECES = [f"<0x{b:02X}>" for b in range(256)]
 
-# a little of everything the parity corpus throws at the tokenizers
-EXTRA = ("Ünïcödé façade naïve café Ångström 日本語のテキストです。中文文本。한국어 텍스트 Ελληνικά русский текст "
-         "emoji 😀🎉👍🏽 ✓ → ∑ x² ½ ١٢٣ 12345 3.14159 1,000,000 0x1F  \t\t  tabs\n\n\r\n  ")
+# the training text: fixed snippets (code, prose, other scripts, numbers, whitespace) combined by a seeded RNG, so
+# the tokenizers are the same in every run and do not change when the repo's files do
+SNIPPETS = [
+    "def forward(self, x, mask=None):\n    return self.proj(torch.softmax(x @ x.T, dim=-1))\n",
+    "for i in range(len(items)):\n        if items[i] is None:\n            continue\n",
+    "class Config:\n    n_layer: int = 12\n    n_head: int = 8\n    dropout: float = 0.0\n",
+    "import os\nimport json\n\nwith open(path, 'w') as f:\n    json.dump(obj, f, indent=2)\n",
+    "x = [a + b for a, b in zip(xs, ys)]  # pairwise sums\n", "if __name__ == \"__main__\":\n    main()\n",
+    "The quick brown fox jumps over the lazy dog. ", "It's what they'd've wanted, isn't it? ",
+    "Language models predict the next token from the ones before it. ", "We'll see; they're done!  ",
+    "Ünïcödé façade naïve café Ångström résumé ", "日本語のテキストです。", "中文文本，测试。", "한국어 텍스트 ",
+    "Ελληνικά κείμενο ", "русский текст ", "emoji 😀🎉👍🏽 ", "✓ → ∑ x² ½ ", "١٢٣ ", "12345 ", "3.14159 ",
+    "1,000,000 ", "0x1F ", "2024-07-26 ", "\t\t", "    ", "\n\n", "\r\n", "  \n", " ",
+]
 
 
-def training_text():
-    """Deterministic training text: some of the repo's own sources plus multilingual samples."""
-    parts = []
-    for rel in ("data/chat.py", "data/tokenizer.py", "model.py"):
-        with open(os.path.join(ROOT, rel), encoding="utf-8") as f:
-            parts.append(f.read())
-    return parts + [EXTRA * 30]
+SYLLABLES = ["ka", "to", "ri", "en", "an", "th", "er", "in", "on", "st", "qu", "ing", "ed", "ly", "é", "ö", "日", "本"]
+
+
+def training_text(n_docs=40, seed=0):
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n_docs):
+        parts = []
+        for _ in range(400):
+            if rng.random() < 0.5:
+                parts.append(rng.choice(SNIPPETS))
+            else:  # made-up words, so there is plenty to merge
+                word = "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(1, 4)))
+                parts.append(rng.choice(["", " ", " ", "_", "."]) + rng.choice([word, word, word.title()]))
+        docs.append("".join(parts))
+    return docs
 
 
 def byte_level_tokenizer(style, vocab_size=1500, specials=(), added=()):
@@ -65,18 +86,22 @@ def byte_level_tokenizer(style, vocab_size=1500, specials=(), added=()):
 
 def sentencepiece_tokenizer(layout, vocab_size=1200):
     """A SentencePiece-style BPE like Mistral's: byte fallback with <0xXX> pieces in the vocab, a small alphabet
-    (so rare characters fall back to bytes), "▁" for spaces. layout 'legacy': Prepend("▁") + Replace(" ", "▁")
+    (so other characters fall back to bytes), "▁" for spaces. layout 'legacy': Prepend("▁") + Replace(" ", "▁")
     normalizers and no pre-tokenizer; 'metaspace': Metaspace(prepend_scheme="first", split=False)."""
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always", split=True)
+    # the alphabet is exactly printable ASCII, "▁", tab, newline and a few others (the rest falls back to bytes);
+    # limiting it to the initial alphabet keeps training deterministic (a frequency cut-off breaks ties at random)
+    alphabet = [chr(c) for c in range(0x21, 0x7F)] + list("\u2581\t\néü日本語")
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=MISTRAL_SPECIALS + BYTE_PIECES,
-                                  limit_alphabet=70, show_progress=False)
+                                  initial_alphabet=alphabet, limit_alphabet=len(alphabet), show_progress=False)
     tok.train_from_iterator(training_text(), trainer)
     j = json.loads(tok.to_str())
     j["added_tokens"] = [a for a in j["added_tokens"] if a["content"] not in BYTE_PIECES]  # plain vocab pieces
     if layout == "legacy":
         j["normalizer"] = {"type": "Sequence", "normalizers": [
-            {"type": "Prepend", "prepend": "\u2581"}, {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]}
+            {"type": "Prepend", "prepend": "\u2581"},
+            {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]}
         j["pre_tokenizer"] = None
     else:
         j["normalizer"] = None

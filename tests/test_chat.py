@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from data.chat import BadRecord, labels_from_mask, load_conversations, render, render_prompt, render_text, to_chat_messages
+from data.chat import (BadRecord, labels_from_mask, load_conversations, render, render_prompt, render_text,
+                       to_chat_messages)
 from data.tokenizer import get_tokenizer
 
 CONV = [{"role": "system", "content": "You are terse."},

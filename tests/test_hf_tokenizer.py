@@ -151,7 +151,8 @@ def test_llama3_tokenizer_model(tmp_path):
     conv = tmp_path / "converted"
     conv.mkdir()
     ref.save(str(conv / "tokenizer.json"))
-    (conv / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}))
+    (conv / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|begin_of_text|>",
+                                                            "eos_token": "<|eot_id|>"}))
     assert [get_tokenizer(str(conv)).encode(t) for t in texts] == [ours.encode(t) for t in texts]
 
 
@@ -168,6 +169,9 @@ def test_export_default_tokenizer(tmp_path):
     assert [hf.token_to_id(s) for s in ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>")] == \
         [tok.eot_id, tok.im_start_id, tok.im_end_id, tok.pad_id]
     auto = AutoTokenizer.from_pretrained(out)
+    for t in parity_corpus(2):
+        if "<|" not in t:  # transformers matches special tokens in text (see test_special_token_strings_stay_text)
+            assert auto(t, add_special_tokens=False)["input_ids"] == tok.encode(t), t
     conv = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "What is 2 + 2? é"},
             {"role": "assistant", "content": "It is 4.\nDone."}, {"role": "user", "content": "And 3 + 5?"}]
     for msgs, gen in ((conv[:3], False), (conv, True)):
