@@ -251,7 +251,7 @@ def byte_level_ranks(vocab, merges, added, where, ignore_merges=False):
     for t, i in ranks.items():
         if len(t) < 2:
             continue
-        parts = _bpe_parts(t, ranks, i)
+        parts = [t[:1], t[1:]] if len(t) == 2 else _bpe_parts(t, ranks, i)  # two bytes: the only way to build it
         if len(parts) == 2:
             if (parts[0], parts[1]) not in pairs:
                 _refuse(where, f"token {piece_of[t]!r} (id {i}): tiktoken's rank-order BPE builds it from "
@@ -330,8 +330,8 @@ class SentencePieceBPE:
         self.special_tokens_set = set(self._special_tokens)
         self.n_vocab = max(self.id_to_piece) + 1
         self.max_token_value = self.n_vocab - 1
-        # normalization: Prepend/Replace normalizers and/or a Metaspace pre-tokenizer
-        self.prepend = None  # "always" (Prepend normalizer: every non-empty segment), "metaspace-<scheme>"
+        # normalization: Prepend/Replace normalizers (Prepend: every non-empty segment) and/or a Metaspace
+        # pre-tokenizer (its prepend_scheme "first": only a segment at the start of the text)
         self.split_words = False
         norm, pre = tj.get("normalizer"), tj.get("pre_tokenizer")
         steps = [] if norm is None else (norm["normalizers"] if norm.get("type") == "Sequence" else [norm])
@@ -370,12 +370,8 @@ class SentencePieceBPE:
     def _segment(self, text, at_start):
         if not text:
             return []
-        if "prepend" in self.norm_steps or "replace" in self.norm_steps:
-            for step in self.norm_steps:
-                if step == "prepend" and text:
-                    text = "\u2581" + text
-                elif step == "replace":
-                    text = text.replace(" ", "\u2581")
+        for step in self.norm_steps:
+            text = "\u2581" + text if step == "prepend" else text.replace(" ", "\u2581")
         if self.metaspace is not None:
             text = text.replace(" ", "\u2581")
             if not text.startswith("\u2581") and (self.metaspace == "always" or
