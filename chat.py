@@ -47,7 +47,7 @@ class Stream:
 
     def __call__(self, tokens):
         t = int(tokens[0])
-        if t in (self.tok.im_end_id, self.tok.eot_id, self.tok.pad_id):
+        if t in self.tok.stop_ids or t == self.tok.pad_id:
             return
         self.ids.append(t)
         text = self.tok.decode(self.ids)
@@ -84,7 +84,7 @@ if __name__ == "__main__":
         stream = Stream(tok)
         with torch.no_grad(), autocast:
             model.generate([ids], budget, temperature=temperature, top_k=top_k or None, top_p=top_p,
-                           repetition_penalty=repetition_penalty, stop_tokens=(tok.im_end_id, tok.eot_id),
+                           repetition_penalty=repetition_penalty, stop_tokens=tok.stop_ids,
                            pad_id=tok.pad_id, generator=generator, callback=stream)
         sys.stdout.write("\n")
         return tok.decode(stream.ids)

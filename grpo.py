@@ -41,7 +41,6 @@ Writes {out_dir}/ckpt.pt (a full checkpoint; with LoRA the adapters are merged i
 """
 
 import copy
-import math
 import os
 import time
 
@@ -160,7 +159,8 @@ def completion_logprobs(model, prompts, completions, lengths, temperature=1.0):
 def score_completions(examples, completions, funcs, weights):
     """Rule-based rewards: examples and completion texts (N each), reward functions and weights ->
     (total (N,), per function (K, N)) as float tensors on the CPU."""
-    per = torch.tensor([[float(f(ex, c)) for ex, c in zip(examples, completions)] for f in funcs]).view(len(funcs), -1)
+    per = torch.tensor([[float(f(ex, c)) for ex, c in zip(examples, completions)] for f in funcs],
+                       dtype=torch.float32).view(len(funcs), len(completions))  # K = 0: a learned reward only
     w = torch.tensor(weights, dtype=torch.float32).view(-1, 1)
     return (per * w).sum(0) if funcs else torch.zeros(len(completions)), per
 
@@ -168,7 +168,7 @@ def score_completions(examples, completions, funcs, weights):
 # -----------------------------------------------------------------------------
 # config
 # I/O
-init_from = "out/sft/ckpt.pt"
+init_from = "out/sft/ckpt.pt"  # the policy (and reference) starts here; "resume": from out_dir/ckpt.pt
 out_dir = "out/grpo"
 # data
 dataset = "tasks"            # "tasks" (data/tasks.py) | "gsm8k" (openai/gsm8k "main" via `datasets`)
@@ -227,6 +227,8 @@ eval_size = 500
 eval_batch_size = 250
 eval_samples = 2             # sampled completions printed at each log line (0 = none)
 log_interval = 1
+ckpt_interval = 50           # save (with optimizer and sampling state, for init_from="resume"); 0 = at the end
+halt_at_step = -1            # stop early at this step, keeping the schedule (a planned interruption)
 # system
 seed = 1337
 parallel = "ddp"             # under torchrun: ddp | fsdp
@@ -250,7 +252,15 @@ _ranges = dict(n_train="[1, inf)", num_generations="[2, inf)", prompts_per_step=
                warmup_steps="[0, inf)", weight_decay="[0, inf)", beta1="[0, 1)", beta2="[0, 1)", adam_eps="(0, inf)",
                grad_clip="[0, inf)", lora_r="[0, inf)", lora_alpha="(0, inf)", lora_dropout="[0, 1)",
                eval_interval="[0, inf)", eval_size="[1, inf)", eval_batch_size="[1, inf)", eval_samples="[0, inf)",
-               log_interval="[1, inf)")
+               log_interval="[1, inf)", ckpt_interval="[0, inf)", halt_at_step="[1, inf) or -1")
+# init_from="resume" continues with the checkpoint's policy, reference and data: these must not change on resume
+_resume_fixed = ("dataset", "data_path", "eval_data_path", "n_train", "task_subset", "system_prompt", "seed",
+                 "num_generations", "prompts_per_step", "max_new_tokens", "lora_r", "lora_alpha", "lora_targets",
+                 "lora_rslora", "lora_dropout", "eval_size", "reward_model")
+_resume_schedule = ("reward_funcs", "reward_weights", "reward_model_weight", "temperature", "top_p", "top_k", "beta",
+                    "epsilon", "epsilon_high", "scale_rewards", "num_iterations", "loss_type", "dynamic_sampling",
+                    "max_sampling_rounds", "max_steps", "micro_batch_size", "lr", "min_lr", "warmup_steps",
+                    "lr_schedule", "world_size")
 
 
 # -----------------------------------------------------------------------------
@@ -259,7 +269,8 @@ if __name__ == "__main__":
     from configs import configure
     config = configure(globals())
 
-    from checkpoint import checkpoint_dict, load_model, model_state_dict, save_checkpoint
+    from checkpoint import (check_vocab, check_writable, fingerprint, load_model, load_optimizer_state,
+                            optimizer_state_dict, restore_rng_states, rng_states, save_checkpoint, training_checkpoint)
     from data import tasks
     from data.chat import BadRecord, render_prompt
     from data.records import DataError
@@ -267,9 +278,9 @@ if __name__ == "__main__":
     from data.tokenizer import get_tokenizer
     from distributed import (check_replicas_identical, fsdp_gathered, grad_sync, parallelize, setup_distributed,
                              teardown_distributed, unwrap)
-    from lora import apply_lora, lora_disabled, lora_modules, merge_lora, merged_model
+    from lora import apply_lora, lora_disabled, lora_modules, merge_lora
     from model import Transformer
-    from optim import configure_optimizer, lr_at
+    from optim import configure_optimizer, lr_at, mark_nonfinite, stop_if_nonfinite
     from reward import score_conversations
 
     def fail(msg):
@@ -297,26 +308,45 @@ if __name__ == "__main__":
 
     # -------------------------------------------------------------------------
     # policy, reference, reward model
-    if not os.path.exists(init_from):
+    resume = init_from == "resume"
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    source = ckpt_path if resume else init_from
+    if not os.path.exists(source):
         hint = "python sft.py" if init_from == "out/sft/ckpt.pt" else "the stage that writes it"
-        fail(f"init checkpoint {init_from} not found. Run `{hint}` first, or pass --init_from=PATH.")
+        fail(f"init checkpoint {source} not found. Run `{hint}` first, or pass --init_from=PATH.")
     # no dropout: the importance ratio and the sampled log-probs assume one deterministic policy
     try:
-        model, ckpt = load_model(init_from, "cpu", kernels=kernels, dropout=0.0)
-    except ValueError as e:  # e.g. a reward model where a language model is needed
+        model, ckpt = load_model(source, "cpu", kernels=kernels, dropout=0.0)
+        tok = get_tokenizer(ckpt["tokenizer"])
+        check_vocab(model, tok, source)
+    except ValueError as e:  # e.g. a reward model where a language model is needed, a corrupt file
         fail(f"init_from: {e}")
-    tok = get_tokenizer(ckpt["tokenizer"])
-    if lora_modules(model):
-        merge_lora(model)  # an adapter checkpoint from sft.py: start from the merged model
-    cfg = model.config
+    lora = dict(targets=lora_targets, r=lora_r, alpha=lora_alpha, dropout=lora_dropout, rslora=lora_rslora) \
+        if lora_r > 0 else None
     ref_model = None
-    lora = None
-    if lora_r > 0:
-        lora = dict(targets=lora_targets, r=lora_r, alpha=lora_alpha, dropout=lora_dropout, rslora=lora_rslora)
-        torch.manual_seed(seed)  # the same adapter init on every rank (FSDP does not broadcast parameters)
-        apply_lora(model, **lora)  # the reference is then free: the same model with its adapters off
-    elif beta > 0:
-        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    if resume:  # the checkpoint's policy (LoRA: with its adapters, unmerged); the reference is the initial policy
+        from configs import check_resume
+        check_resume(ckpt, {**config, "world_size": world_size}, _resume_fixed, _resume_schedule, ckpt_path)
+        base_init, start_step, ev0, ev = ckpt["init_from"], ckpt["step"], ckpt["ev0"], ckpt["ev"]
+        if beta > 0 and not lora:
+            if ckpt["init_fingerprint"] != fingerprint(base_init):
+                fail(f"cannot resume {ckpt_path}: its reference, the initial policy {base_init}, has changed since "
+                     f"the run started (fingerprint mismatch); restore it")
+            ref_model, _ = load_model(base_init, "cpu", kernels=kernels, dropout=0.0)
+            ref_model.eval().requires_grad_(False)
+    else:
+        base_init, start_step = os.path.abspath(init_from), 0
+        if lora_modules(model):
+            merge_lora(model)  # an adapter checkpoint from sft.py: start from the merged model
+        if lora:
+            torch.manual_seed(seed)  # the same adapter init on every rank (FSDP does not broadcast parameters)
+            apply_lora(model, **lora)  # the reference is then free: the same model with its adapters off
+        elif beta > 0:
+            ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    if master:
+        check_writable(out_dir, protect=(base_init,))
+    init_fingerprint = fingerprint(base_init)
+    cfg = model.config
     torch.manual_seed(seed + rank)
     model.to(device)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -370,7 +400,7 @@ if __name__ == "__main__":
     # completions of each of them itself, so every group lives on one rank and its advantages (which
     # need only that group's rewards) are computed there, with no communication.
     order = torch.randperm(len(train_examples), generator=torch.Generator().manual_seed(seed)).tolist()
-    my_order, cursor = order[rank::world_size], 0
+    my_order, cursor = order[rank::world_size], 0  # this rank's place in its stream (saved for an exact resume)
 
     def next_prompts(n):
         global cursor
@@ -391,11 +421,15 @@ if __name__ == "__main__":
         model = torch.compile(model)
     raw_model = unwrap(model)
     sample_gen = torch.Generator(device=device).manual_seed(seed + rank)
-    stop = (tok.im_end_id,)
+    if resume:
+        load_optimizer_state(model, optimizer, ckpt["optimizer"])
+        restore_rng_states(ckpt["rng"], rank, device, generators=(sample_gen,))
+        cursor = ckpt["cursors"][rank % len(ckpt["cursors"])]
+    del ckpt
+    stop = tok.stop_ids  # the end-of-turn token of the checkpoint's chat template (and its eos tokens)
 
     def decode(tokens, lengths):
-        return [tok.decode([t for t in row[:n] if t != tok.im_end_id])
-                for row, n in zip(tokens.tolist(), lengths.tolist())]
+        return [tok.decode_reply(row[:n]) for row, n in zip(tokens.tolist(), lengths.tolist())]
 
     def evaluate():
         """Greedy exact-answer accuracy on the held-out questions, overall and per task, split over ranks."""
@@ -469,9 +503,11 @@ if __name__ == "__main__":
         weight = torch.tensor([1.0] * (n_kept * G) + [0.0] * ((len(groups) - n_kept) * G), device=device)
         return concat(groups), weight, concat(generated), n_kept, len(generated)
 
-    def policy_update(batch, adv, mask, denom, micro, ref_logp, opt_step):
+    def policy_update(batch, adv, mask, denom, micro, ref_logp, step):
         """num_iterations optimizer steps on one rollout batch. Returns (sums over the passes and tokens of
         loss, kl, clipped tokens, tokens and |logp - generate's logp| (first pass), grad_norm, passes made)."""
+        global first_bad
+        opt_step = step * num_iterations
         stats = dict(loss=0.0, kl=0.0, clipped=0.0, tokens=0.0, logp_diff=0.0)
         grad_norm, passes = torch.zeros(()), 0
         tokens, gen_logp, lengths = batch["tokens"], batch["logprobs"], batch["lengths"]
@@ -480,6 +516,7 @@ if __name__ == "__main__":
                 break  # every group on every rank was dropped: nothing to learn from this batch
             for g in optimizer.param_groups:
                 g["lr"] = lr_at(opt_step + it, max_steps * num_iterations, lr, warmup_steps, min_lr, lr_schedule)
+            pass_loss = torch.zeros((), device=device)
             for i, s in enumerate(micro):
                 with grad_sync(model, i == len(micro) - 1), autocast:
                     logp = completion_logprobs(model, batch["prompts"][s], tokens[s], lengths[s], temperature)
@@ -489,8 +526,13 @@ if __name__ == "__main__":
                     per_tok, is_clipped, kl = grpo_token_loss(logp, old, adv[s], ref_logp[i], beta, epsilon,
                                                               epsilon_high)
                     num = loss_numerator(per_tok, mask[s], loss_type)
-                # DDP and FSDP average gradients over ranks: times world_size gives grad(sum of numerators) / denom
-                (num * (world_size / denom)).backward()
+                    # DDP and FSDP average gradients over ranks: times world_size gives grad(sum of numerators) / denom
+                    loss = num * (world_size / denom)
+                    aux = raw_model.moe_aux_loss()  # the per-token log-probs carry no balancing loss: add it here
+                    if aux is not None and cfg.moe_aux_loss_coef > 0:
+                        loss = loss + cfg.moe_aux_loss_coef * aux / len(micro)  # the mean over the micro-batches
+                loss.backward()
+                pass_loss += num.detach() / denom
                 m = mask[s]
                 stats["loss"] += num.item() / denom
                 stats["kl"] += (kl * m).sum().item() if kl is not None else 0.0
@@ -500,6 +542,7 @@ if __name__ == "__main__":
                     stats["logp_diff"] += ((logp.detach().float() - gen_logp[s]).abs() * m).sum().item()
             grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
                                                        grad_clip if grad_clip > 0 else float("inf"))
+            first_bad = mark_nonfinite(first_bad, step, pass_loss, grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if cfg.n_experts:
@@ -535,7 +578,7 @@ if __name__ == "__main__":
             parts.append(f"kept {n_kept}/{local_prompts} groups in {n_rounds} rounds")
         if passes == 0:
             parts.append("no update: every group's rewards were all equal")
-        eta = (time.time() - t_start) / step * (max_steps - step)
+        eta = (time.time() - t_start) / (step - start_step) * (last_step - step)
         parts.append(f"eta {int(eta // 60)}m{int(eta % 60):02d}s")
         log(" | ".join(parts))
         for ex, text in list(zip(allgen["examples"], allgen["texts"]))[:eval_samples]:
@@ -554,17 +597,43 @@ if __name__ == "__main__":
         wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 
     # -------------------------------------------------------------------------
-    # training loop: evaluate at the top of an iteration, so step 0, every eval_interval and the last step
+    def save(step):
+        """A checkpoint to resume from (policy, optimizer, every rank's RNG, sampling generator and place in its
+        prompt stream); at the end the result: a plain language model (LoRA merged). Every rank calls this."""
+        stop_if_nonfinite(first_bad, model, ckpt_path)  # never write NaN weights over the last good checkpoint
+        finished = step == max_steps
+        cursors = [None] * world_size
+        if ddp:
+            dist.all_gather_object(cursors, cursor)
+        else:
+            cursors = [cursor]
+        extra = dict(step=step, config=config, init_from=base_init, init_fingerprint=init_fingerprint, ev0=ev0, ev=ev,
+                     accuracy=ev[0], accuracy_before=ev0[0], rng=rng_states(device, ddp, (sample_gen,)),
+                     cursors=cursors)
+        if not finished:
+            extra["optimizer"] = optimizer_state_dict(model, optimizer)
+        state = training_checkpoint(model, tok.name, lora, finished, lambda: Transformer(cfg), **extra)
+        if master:
+            save_checkpoint(ckpt_path, state, protect=(base_init,))
+            log(f"saved {ckpt_path} at step {step}")
+
+    # training loop: evaluate and save at the top of an iteration, so step 0, every interval and the last step
     # take the same path; then one rollout batch and num_iterations optimizer steps on it
     log(f"evaluating on {len(test_examples)} held-out questions (greedy, max_new_tokens={max_new_tokens})")
+    last_step = max_steps if halt_at_step < 0 else min(halt_at_step, max_steps)
+    first_bad = torch.tensor(-1, device=device)  # the first non-finite step (optim.mark_nonfinite)
     t_start = time.time()
-    for step in range(max_steps + 1):
-        final = step == max_steps
-        if step == 0 or (eval_interval and step % eval_interval == 0) or final:
+    for step in range(start_step, last_step + 1):
+        final = step == last_step
+        at_eval = step == 0 or (eval_interval and step % eval_interval == 0) or final
+        if at_eval and not (resume and step == start_step):  # the checkpoint was saved right after that eval
+            stop_if_nonfinite(first_bad, ckpt_path=ckpt_path)
             ev = evaluate()
             report(step, ev)
             if step == 0:
                 ev0 = ev
+        if step > start_step and ((ckpt_interval and step % ckpt_interval == 0) or final):
+            save(step)
         if final:
             break
 
@@ -586,44 +655,32 @@ if __name__ == "__main__":
         B = batch["tokens"].shape[0]
         micro = [slice(i, min(i + micro_batch_size, B)) for i in range(0, B, micro_batch_size)]
         ref_logp = [None] * len(micro)
-        if beta > 0:
+        if beta > 0:  # the reference's log-probs, in eval mode (no dropout; MoE loads not counted)
             with torch.no_grad(), autocast:
                 args = [(batch["prompts"][s], batch["tokens"][s], batch["lengths"][s], temperature) for s in micro]
                 if lora is not None:
+                    raw_model.eval()
                     with lora_disabled(raw_model):
                         ref_logp = [completion_logprobs(model, *a) for a in args]
+                    raw_model.train()
                 else:
                     ref_logp = [completion_logprobs(ref_model, *a) for a in args]
 
         # ---- num_iterations optimizer steps on this rollout batch
-        stats, grad_norm, passes = policy_update(batch, adv, mask, denom, micro, ref_logp, step * num_iterations)
-        if not math.isfinite(stats["loss"]):
-            fail(f"non-finite loss ({stats['loss']}) at step {step + 1}; no checkpoint was saved. "
-                 f"Try a lower --lr (now {lr}).")
+        stats, grad_norm, passes = policy_update(batch, adv, mask, denom, micro, ref_logp, step)
         t_train = time.time() - t1
         # tokens through the training forward/backward this step (all passes)
         train_tokens = (sum(len(p) for p in batch["prompts"]) + int(batch["lengths"].sum())) * passes
-        if (step + 1) % log_interval == 0 or step + 1 == max_steps:
+        if (step + 1) % log_interval == 0 or step + 1 == last_step:
+            stop_if_nonfinite(first_bad, ckpt_path=ckpt_path)
             log_step(step + 1, stats, grad_norm, passes, allgen, n_kept, n_rounds, train_tokens, t_train, t_gen)
 
     if ddp and parallel == "ddp":
         log(f"parameters identical on all {check_replicas_identical(model)} ranks")
-
-    # -------------------------------------------------------------------------
-    # save: a full checkpoint, with LoRA adapters merged (every rank calls checkpoint_dict: a collective under FSDP)
-    extra = dict(step=max_steps, config=config, init_from=init_from, accuracy=ev[0], accuracy_before=ev0[0],
-                 accuracy_per_task=ev[1])
-    path = os.path.join(out_dir, "ckpt.pt")
-    if lora is None:
-        state = checkpoint_dict(model, tok.name, **extra)  # a collective under FSDP: every rank calls it
+    if last_step < max_steps:
+        log(f"halted at step {last_step} (halt_at_step); continue with --init_from=resume --out_dir={out_dir}")
     else:
-        full = model_state_dict(model)  # likewise; under FSDP only rank 0 receives the weights
-        if master:  # rebuild on the CPU, whatever the parallelism was, and fold the adapters in
-            state = checkpoint_dict(merged_model(full, Transformer(cfg), lora), tok.name, **extra, merged_lora=lora)
-    if master:
-        save_checkpoint(path, state)
-        log(f"saved {path}")
-    log(f"held-out accuracy: {ev0[0]:.1%} before GRPO -> {ev[0]:.1%} after ({time.time() - t_start:.0f}s)")
-    for t in task_names if len(task_names) > 1 else []:
-        log(f"  {t:8s} {ev0[1][t]:6.1%} -> {ev[1][t]:6.1%}")
+        log(f"held-out accuracy: {ev0[0]:.1%} before GRPO -> {ev[0]:.1%} after ({time.time() - t_start:.0f}s)")
+        for t in task_names if len(task_names) > 1 else []:
+            log(f"  {t:8s} {ev0[1][t]:6.1%} -> {ev[1][t]:6.1%}")
     teardown_distributed(ddp)

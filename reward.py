@@ -77,7 +77,7 @@ def score_conversations(reward_model, messages_list, tokenizer, batch_size=32):
         if not msgs or msgs[-1]["role"] != "assistant":
             raise ValueError(f"conversation {i}: scoring needs conversations ending with the assistant reply to score")
         ids = render(msgs, tokenizer)[0]
-        end = len(ids) - 1 - ids[::-1].index(tokenizer.im_end_id)
+        end = len(ids) - 1 - ids[::-1].index(tokenizer.end_of_turn_id)
         seqs.append(ids[:end + 1][-reward_model.config.max_seq_len:])
     out = []
     for b in range(0, len(seqs), batch_size):

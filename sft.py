@@ -248,7 +248,7 @@ if __name__ == "__main__":
                 _, loss = model(mb["idx"], mb["targets"], reduction="sum")
             loss_sum, n = loss_sum + loss.item(), n + int((mb["targets"] != -100).sum())
         out["val_loss"] = loss_sum / max(n, 1)
-        gen_kw = dict(stop_tokens=(tok.im_end_id,), pad_id=tok.pad_id)
+        gen_kw = dict(stop_tokens=tok.stop_ids, pad_id=tok.pad_id)
         with fsdp_gathered(raw_model), autocast:
             if test_examples:
                 out["accuracy"], out["accuracy_per_task"] = tasks.exact_match(
@@ -262,7 +262,7 @@ if __name__ == "__main__":
                     continue
                 gen = torch.Generator(device=device).manual_seed(seed)
                 g = raw_model.generate([prompt], budget, temperature=0.7, top_p=0.9, generator=gen, **gen_kw)
-                reply = tok.decode([t for t in g["tokens"][0, :g["lengths"][0]].tolist() if t != tok.im_end_id])
+                reply = tok.decode_reply(g["tokens"][0, :g["lengths"][0]].tolist())
                 samples.append((msgs[first - 1]["content"], reply))
             out["samples"] = samples
         model.train()

@@ -377,7 +377,8 @@ def to_chat_messages(record):
             if not isinstance(m, dict) or m.get("from") is None or m.get("value") is None:
                 raise BadRecord(f"turn {j} needs both 'from' and 'value', got {m!r}")
             if not isinstance(m["from"], str) or m["from"] not in SHAREGPT_ROLES:
-                raise BadRecord(f"turn {j} has unknown 'from' {m['from']!r}; expected one of {', '.join(SHAREGPT_ROLES)}")
+                raise BadRecord(f"turn {j} has unknown 'from' {m['from']!r}; "
+                                f"expected one of {', '.join(SHAREGPT_ROLES)}")
             out.append({"role": SHAREGPT_ROLES[m["from"]], "content": m["value"]})
     elif _present(record, "instruction"):
         if not _present(record, "output"):

@@ -218,12 +218,12 @@ def sampled_task_pairs(model, tokenizer, examples, num_samples=4, temperature=1.
         prompts = [tasks.to_messages(ex)[:-1] for ex in exs]
         ids = [render_prompt(p, tokenizer) for p in prompts]
         budget = min(max_new_tokens, model.config.max_seq_len - max(map(len, ids)))
-        runs = [model.generate(ids, budget, temperature=0.0, stop_tokens=[tokenizer.im_end_id],
+        runs = [model.generate(ids, budget, temperature=0.0, stop_tokens=tokenizer.stop_ids,
                                pad_id=tokenizer.pad_id)]
         if num_samples:
             runs.append(model.generate([p for p in ids for _ in range(num_samples)], budget, temperature=temperature,
-                                       stop_tokens=[tokenizer.im_end_id], pad_id=tokenizer.pad_id, generator=gen))
-        texts = [[tokenizer.decode([t for t in row[:n] if t != tokenizer.im_end_id]).strip()
+                                       stop_tokens=tokenizer.stop_ids, pad_id=tokenizer.pad_id, generator=gen))
+        texts = [[tokenizer.decode_reply(row[:n]).strip()
                   for row, n in zip(r["tokens"].tolist(), r["lengths"].tolist())] for r in runs]
         for j, (ex, prompt) in enumerate(zip(exs, prompts)):
             samples = [texts[0][j]] + (texts[1][j * num_samples:(j + 1) * num_samples] if num_samples else [])
@@ -267,20 +267,20 @@ def as_pairs(records):
 # tokenising and batching
 
 def encode_response(prompt, response, tokenizer):
-    """ChatML ids of prompt + the assistant reply, the 0/1 mask of the reply's tokens (its content and
-    <|im_end|>, not earlier assistant turns of the prompt), and the index of that <|im_end|>."""
+    """Chat-template ids of prompt + the assistant reply, the 0/1 mask of the reply's tokens (its content and
+    end of turn, not earlier assistant turns of the prompt), and the index of that end-of-turn token."""
     ids, mask = render(prompt + [{"role": "assistant", "content": response}], tokenizer)
     n_prompt = len(render(prompt, tokenizer, add_generation_prompt=True)[0])  # a token-exact prefix
     mask = [0] * n_prompt + mask[n_prompt:]
     end = max(i for i, m in enumerate(mask) if m)
-    assert ids[end] == tokenizer.im_end_id
-    return ids[:end + 1], mask[:end + 1], end  # nothing after <|im_end|> is read or trained
+    assert ids[end] == tokenizer.end_of_turn_id
+    return ids[:end + 1], mask[:end + 1], end  # nothing after the end of turn is read or trained
 
 
 def encode_records(records, tokenizer, max_len, verbose=True, what="preference data"):
     """Tokenise every response of every record: adds "tokens" = [(ids, mask), ...] (ranked as responses).
     Records with any sequence longer than max_len are dropped (and counted): cutting one would cut its
-    <|im_end|>, where the reward is read."""
+    end-of-turn token, where the reward is read."""
     out, dropped = [], 0
     for r in records:
         seqs = [encode_response(r["prompt"], resp, tokenizer)[:2] for resp in r["responses"]]
@@ -300,7 +300,7 @@ def encode_records(records, tokenizer, max_len, verbose=True, what="preference d
 
 def pad_batch(seqs, pad_id, device=None):
     """[(ids, mask)] -> right-padded idx (N, T), next-token targets (N, T) with -100 outside the masked
-    reply, end_idx (N,) = position of each reply's <|im_end|> (its last token)."""
+    reply, end_idx (N,) = position of each reply's end-of-turn token (its last token)."""
     import torch
     T = max(len(ids) for ids, _ in seqs)
     idx = torch.full((len(seqs), T), pad_id, dtype=torch.long)

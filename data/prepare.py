@@ -162,6 +162,7 @@ def prepare(source, out_dir, tokenizer="default", val_fraction=0.005, text_field
     if source in PRESETS and text_field == "text":
         text_field = PRESETS[source][2]
     writers = {s: TokenWriter(os.path.join(out_dir, f"{s}.bin"), tok.vocab_size) for s in ("train", "val")}
+    sep = tok.bos_id if tok.bos_id is not None else tok.eot_id  # before every document (Qwen has no BOS)
     n_docs = {"train": 0, "val": 0}
     t0 = time.time()
 
@@ -169,7 +170,7 @@ def prepare(source, out_dir, tokenizer="default", val_fraction=0.005, text_field
         # tiktoken releases the GIL, so threads give real parallelism here
         all_ids = tok.encode_batch([text for _, text in batch], num_threads=num_proc)
         for s in ("train", "val"):
-            parts = [[tok.bos_id] + ids for (doc, _), ids in zip(batch, all_ids)
+            parts = [[sep] + ids for (doc, _), ids in zip(batch, all_ids)
                      if is_val(doc, val_fraction) == (s == "val")]
             if parts:
                 writers[s].write(np.concatenate([np.asarray(p, dtype=np.int64) for p in parts]))

@@ -148,9 +148,9 @@ def exact_match(model, tokenizer, examples, max_new_tokens=32, batch_size=128, s
         for i in range(0, len(mine), batch_size):
             budget = min(max_new_tokens, model.config.max_seq_len - max(map(len, prompts[i:i + batch_size])))
             out = model.generate(prompts[i:i + batch_size], budget, temperature=0.0,
-                                 stop_tokens=(tokenizer.im_end_id,), pad_id=tokenizer.pad_id)
+                                 stop_tokens=tokenizer.stop_ids, pad_id=tokenizer.pad_id)
             for ex, toks, n in zip(mine[i:i + batch_size], out["tokens"].tolist(), out["lengths"].tolist()):
-                reply = tokenizer.decode([t for t in toks[:n] if t != tokenizer.im_end_id])
+                reply = tokenizer.decode_reply(toks[:n])
                 counts[0, names.index(ex["task"])] += score(ex, reply)
                 counts[1, names.index(ex["task"])] += 1
     model.train(was_training)

@@ -28,7 +28,8 @@ import tiktoken
 # GPT-4's (cl100k_base) pre-tokenisation pattern, except that numbers are split into
 # single digits (\p{N} instead of \p{N}{1,3}+): a small vocab should not spend
 # tokens on arbitrary 1-3 digit groups, and single digits make arithmetic regular.
-GPT4_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
+GPT4_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
+                r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
 
 # appended after the mergeable ranks, in this order. <|endoftext|> doubles as the
 # BOS / document separator token.
@@ -281,6 +282,12 @@ class Tokenizer:
     def decode(self, ids):
         return self.enc.decode(list(ids), errors="replace")
 
+    def decode_reply(self, ids):
+        """The text of a generated reply: its tokens up to the first stop token (which is not part of the text)."""
+        ids = list(ids)
+        end = next((i for i, t in enumerate(ids) if t in self.stop_ids), len(ids))
+        return self.decode(ids[:end])
+
     def decode_bytes(self, ids):
         return self.enc.decode_bytes(list(ids))
 
@@ -324,7 +331,8 @@ def get_tokenizer(name="default"):
     if name == "default":
         if not os.path.isfile(DEFAULT_PATH):
             raise FileNotFoundError(f"the bundled tokenizer {DEFAULT_PATH} is missing; regenerate it with "
-                                    f"`python -m data.tokenizer --vocab_size=8192 --out={os.path.relpath(DEFAULT_PATH)}`")
+                                    f"`python -m data.tokenizer --vocab_size=8192 "
+                                    f"--out={os.path.relpath(DEFAULT_PATH)}`")
         return _from_ranks(name, load_ranks(DEFAULT_PATH))
     if name.endswith(".tiktoken") or os.path.sep in name or os.path.isfile(name):
         return _from_ranks(name, load_ranks(name))
