@@ -142,10 +142,10 @@ def config_from_hf(hf, where="config.json", max_seq_len=None):
         if t not in ("full_attention", "sliding_attention"):
             refuse("layer_types", f"layer type {t!r} is not supported")
     if active and window < n_ctx:
-        refuse("sliding_window", f"sliding-window attention is active (use_sliding_window="
-               f"{hf.get('use_sliding_window', 'implied')}) and the window is shorter than the context "
-               f"max_seq_len={n_ctx}; the repo has full causal attention only. Run with max_seq_len <= {window} "
-               f"(load_model(..., max_seq_len={window})) to stay inside the window")
+        flag = " (use_sliding_window=true)" if mt in QWEN_FAMILIES else ""
+        refuse("sliding_window", f"sliding-window attention is active{flag} and the window is shorter than the "
+               f"context max_seq_len={n_ctx}; the repo has full causal attention only. Run with "
+               f"max_seq_len <= {window} (load_model(..., max_seq_len={window})) to stay inside the window")
 
     # RoPE: transformers 5 writes rope_parameters (rope_theta inside); older configs rope_theta + rope_scaling,
     # and the legacy rope_scaling takes precedence, as in transformers
@@ -299,7 +299,8 @@ def weight_sources(cfg, model_type, keys=()):
     """{our parameter name: its source in the HF files} (see _layer_names). keys: the HF file's tensor names,
     which choose between the per-expert and the fused MoE layouts."""
     keys = set(keys)
-    sources = {"tok_emb.weight": ("tensor", "model.embed_tokens.weight"), "norm.weight": ("tensor", "model.norm.weight")}
+    sources = {"tok_emb.weight": ("tensor", "model.embed_tokens.weight"),
+               "norm.weight": ("tensor", "model.norm.weight")}
     if not cfg.tie_embeddings:
         sources["lm_head.weight"] = ("tensor", "lm_head.weight")
     for i in range(cfg.n_layer):
@@ -431,7 +432,7 @@ def load_hf(path, device="cpu", dtype=None, fsdp=False, verbose=True, **override
         for m in model.moe_layers():
             m.expert_bias, m.expert_load = torch.zeros_like(m.expert_bias), torch.zeros_like(m.expert_load)
     seconds, peak = time.perf_counter() - t0, peak_host_memory_gib()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if fsdp:  # a collective like the sharding itself (a plain load may run on one rank alone)
         stats = torch.tensor([seconds, peak], dtype=torch.float64,
                              device=device if device.type == "cuda" else "cpu")
         torch.distributed.all_reduce(stats, op=torch.distributed.ReduceOp.MAX)
@@ -580,8 +581,8 @@ def write_tokenizer(tokenizer_name, out_dir):
     try:
         from data.hf_tokenizer import save_hf_tokenizer
     except ImportError:
-        print(f"hf.py: tokenizer not written: data.hf_tokenizer.save_hf_tokenizer is not available in this "
-              f"checkout; the model files load, but tools that need tokenizer.json do not", file=sys.stderr)
+        print("hf.py: tokenizer not written: data.hf_tokenizer.save_hf_tokenizer is not available in this "
+              "checkout; the model files load, but tools that need tokenizer.json do not", file=sys.stderr)
         return []
     from data.tokenizer import get_tokenizer
     before = set(os.listdir(out_dir))
@@ -606,6 +607,8 @@ def export_hf(source, out_dir, dtype=None, verbose=True):
     from checkpoint import load_model
     from lora import lora_modules, merge_lora
     from model import RewardModel
+    if os.path.isdir(out_dir) and os.listdir(out_dir):  # never overwrite (or read while writing) a model
+        raise FileExistsError(f"export: {out_dir} exists and is not empty; choose a new or empty directory")
     load_dtype = None  # a repo checkpoint: as stored (adapters are merged at that precision, then converted)
     if is_hf_dir(source):  # an HF directory: the dtype of its files, so the round trip is lossless
         reader = SafetensorsDir(source)
@@ -690,7 +693,7 @@ def main(argv=None):
             print(f"{hf['model_type']} ({', '.join(hf.get('architectures') or [])}) -> ModelConfig:")
             for k, v in asdict(cfg).items():
                 print(f"  {k} = {v!r}")
-    except (UnsupportedConfig, FileNotFoundError, ValueError) as err:
+    except (UnsupportedConfig, FileNotFoundError, FileExistsError, ValueError) as err:
         raise SystemExit(f"hf.py {args.cmd}: {err}")
 
 
