@@ -1,10 +1,20 @@
 """generation.py: nucleus (top-p) filtering on a hand-computed example, and one-token prompts (a prefill with
 T == 1) against a full recompute without cache."""
 
+import pytest
 import torch
 
 from generation import sample_next
 from model import ModelConfig, Transformer
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: a second intra-op thread only adds synchronisation (on a busy machine, a lot of it)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def test_top_p_keeps_the_smallest_set_that_reaches_p():
