@@ -7,9 +7,13 @@ torch.load(weights_only=True), so loading one never runs code:
     tokenizer      the name get_tokenizer() takes  git        the commit that wrote it (and whether the tree was dirty)
     config         the stage's settings            ...        training state (step, optimizer, RNG, data position)
 An adapter checkpoint (LoRA without merging) holds lora_state, the lora settings and base_checkpoint, the path
-of the checkpoint the adapters apply to, instead of model.
+of the checkpoint the adapters apply to, instead of model. A local Hugging Face model directory (config.json
+beside model.safetensors or a safetensors index, see hf.py) is a checkpoint too: its ckpt dict has model_config,
+tokenizer = the directory's absolute path, and hf_config (its config.json).
 
     model, ckpt = load_model(path)                 # a language model (adapters applied, unmerged)
+    model, ckpt = load_model(hf_dir, "cuda")       # an HF model, bf16 on CUDA (dtype=... to choose)
+    model, ckpt = load_model(hf_dir, dev, fsdp=True)   # under torchrun: sharded before any weight is read
     rm, ckpt = load_model(path, kind="reward")     # a reward model written by reward.py
 """
 
@@ -24,7 +28,7 @@ import torch
 
 from distributed import is_sharded, unwrap
 from lora import apply_lora, merge_lora, merged_model
-from model import ModelConfig, RewardModel, Transformer
+from model import ModelConfig, RewardModel, Transformer, rope_cache
 
 CKPT_NAME = "ckpt.pt"
 
@@ -181,9 +185,21 @@ def checkpoint_path(source):
     return os.path.join(source, CKPT_NAME) if os.path.isdir(source) else source
 
 
+def is_hf_source(source):
+    """An HF model directory (and not a directory holding a repo ckpt.pt, which takes precedence)."""
+    import hf
+    return isinstance(source, str) and hf.is_hf_dir(source) and not os.path.exists(os.path.join(source, CKPT_NAME))
+
+
 def load_checkpoint(source, map_location="cpu"):
-    """The checkpoint dict of a file, or of the ckpt.pt in a directory. A file that is not a complete checkpoint
-    (truncated, empty, random bytes, or with arbitrary pickled objects) is a CheckpointError naming it."""
+    """The checkpoint dict of a file, of the ckpt.pt in a directory, or of an HF model directory (its weights
+    under our names, in the files' dtype). A file that is not a complete checkpoint (truncated, empty, random
+    bytes, or with arbitrary pickled objects) is a CheckpointError naming it."""
+    if is_hf_source(source):
+        import hf
+        ckpt = hf.hf_checkpoint(source)
+        ckpt["model"] = {k: v.to(map_location) for k, v in ckpt["model"].items()}
+        return ckpt
     path = checkpoint_path(source)
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path} not found")
@@ -199,14 +215,24 @@ def load_checkpoint(source, map_location="cpu"):
     return ckpt
 
 
-def load_model(source, device="cpu", kind="lm", **overrides):
-    """The one loader. source: a checkpoint file, a directory holding ckpt.pt, or a checkpoint dict.
+def load_model(source, device="cpu", kind="lm", dtype=None, fsdp=False, **overrides):
+    """The one loader. source: a checkpoint file, a directory holding ckpt.pt, a checkpoint dict, or a local
+    HF model directory (hf.load_hf: built on the meta device, weights streamed from safetensors).
     kind "lm": a language model (a full checkpoint, or an adapter checkpoint: its base plus the adapters,
     applied and unmerged — merge_lora(model) gives a plain model); kind "reward": a reward.py checkpoint.
     A training checkpoint of a LoRA run (full weights with the adapters unmerged) comes back with its adapters.
-    overrides replace model config fields that do not change the weights (kernels, dropout, ...).
+    dtype: the weights' dtype (None: as stored; for an HF directory bf16 on CUDA, fp32 on CPU).
+    fsdp: return the model FSDP2-sharded (distributed.parallelize(..., "fsdp")); for an HF directory it is
+    sharded before its weights are read, so no rank ever holds the full model.
+    overrides replace model config fields that do not change the weights (kernels, dropout, max_seq_len, ...).
     Returns (model, ckpt): ckpt is the checkpoint dict without its weights (tokenizer, config, training state).
     Raises CheckpointError (a ValueError) for a checkpoint that cannot serve as `kind`."""
+    if is_hf_source(source):
+        if kind != "lm":
+            raise CheckpointError(f"{source} is a Hugging Face causal language model, not a {kind} model: reward.py "
+                                  f"trains a reward model from it (--init_from={source})")
+        import hf
+        return hf.load_hf(source, device, dtype, fsdp=fsdp, **overrides)
     ckpt = load_checkpoint(source) if isinstance(source, str) else source
     where = source if isinstance(source, str) else "the checkpoint"
     if "lora_state" in ckpt:
@@ -223,8 +249,10 @@ def load_model(source, device="cpu", kind="lm", **overrides):
         model, _ = load_model(base, "cpu", "lm", **overrides)
         merge_lora(model)  # a base that is itself an adapter checkpoint: these adapters go on its merged weights
         runtime = ("kernels", "dropout")  # settings that do not change the weights may differ
+        # both sides through ModelConfig, so keys an older model.py did not write compare as their defaults
+        trained_on = asdict(ModelConfig.from_dict({**ckpt["model_config"], **overrides}))
         if {k: v for k, v in asdict(model.config).items() if k not in runtime} != \
-                {k: v for k, v in ckpt["model_config"].items() if k not in runtime}:
+                {k: v for k, v in trained_on.items() if k not in runtime}:
             raise CheckpointError(f"base checkpoint {base} does not have the model config the adapters were "
                                   f"trained on")
         apply_lora(model, **ckpt["lora"])
@@ -232,7 +260,7 @@ def load_model(source, device="cpu", kind="lm", **overrides):
         if unexpected or [k for k in missing if "lora_" in k]:
             raise CheckpointError(f"{where}: the adapter weights do not fit the model ({len(unexpected)} unexpected, "
                                   f"{len([k for k in missing if 'lora_' in k])} missing adapter tensors)")
-        return model.to(device), {k: v for k, v in ckpt.items() if k != "lora_state"}
+        return _place(model, device, dtype, fsdp), {k: v for k, v in ckpt.items() if k != "lora_state"}
     is_reward = "score_head.weight" in ckpt["model"]
     if kind == "reward" and not is_reward:
         raise CheckpointError(f"{where} is not a reward-model checkpoint (it has no score_head): train one with "
@@ -250,7 +278,20 @@ def load_model(source, device="cpu", kind="lm", **overrides):
     except RuntimeError as e:  # keys or shapes that do not fit: say so in a line, not a dump of every key
         first = str(e).split("\n")[1].strip()[:200] if "\n" in str(e) else str(e)[:200]
         raise CheckpointError(f"{where}: the weights do not fit the model its model_config describes ({first})")
-    return model.to(device), {k: v for k, v in ckpt.items() if k != "model"}
+    return _place(model, device, dtype, fsdp), {k: v for k, v in ckpt.items() if k != "model"}
+
+
+def _place(model, device, dtype, fsdp):
+    model = model.to(device)
+    if dtype is not None:
+        model.to(dtype)
+        for m in model.modules():  # the RoPE tables stay fp32 (model.to converted them too)
+            if isinstance(m, Transformer):
+                m.rope_cos, m.rope_sin = rope_cache(m.config, m.config.max_seq_len, m.rope_cos.device)
+    if fsdp:
+        from distributed import parallelize
+        model = parallelize(model, "fsdp", torch.device(device))
+    return model
 
 
 def check_vocab(model, tokenizer, where):

@@ -105,9 +105,12 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, repetition_pena
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        remove = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
+        # the nucleus is the smallest prefix (by descending probability) whose mass reaches top_p: a token is
+        # dropped once the tokens before it already hold top_p (>=, so a prefix that lands exactly on top_p stops
+        # there). stable: equal probabilities keep the order of their ids, so the choice among ties is determined
+        sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)
+        probs = sorted_logits.softmax(-1)
+        remove = probs.cumsum(-1) - probs >= top_p
         logits = logits.masked_fill(remove.scatter(1, order, remove), float("-inf"))
     # inverse-CDF sampling, one uniform per row: exact, and ~30x faster than torch.multinomial on CPU
     cdf = logits.softmax(-1).double().cumsum(-1)

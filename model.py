@@ -37,13 +37,20 @@ class ModelConfig:
     n_head: int = 6
     n_kv_head: int = 6             # = n_head: MHA; 1: MQA; in between: GQA
     n_embd: int = 384
+    head_dim: Optional[int] = None  # per-head size of q/k/v; None: n_embd // n_head (Qwen3 sets it, != n_embd / n_head)
     ffn_hidden: Optional[int] = None  # SwiGLU hidden size; None: 8/3 * n_embd rounded up to ffn_multiple_of
     ffn_multiple_of: int = 64
     max_seq_len: int = 1024
     rope_theta: float = 10000.0
-    rope_scaling: Optional[str] = None   # None | "linear" | "ntk" | "yarn"
+    rope_scaling: Optional[str] = None   # None | "linear" | "ntk" | "yarn" | "llama3"
     rope_factor: float = 1.0             # context extension factor s (new length / original length)
-    rope_original_max_seq_len: Optional[int] = None  # the length the model was trained at (yarn)
+    rope_original_max_seq_len: Optional[int] = None  # the length the model was trained at (yarn, llama3)
+    rope_low_freq_factor: float = 1.0    # llama3: wavelengths above original / low_freq_factor are interpolated by s
+    rope_high_freq_factor: float = 4.0   # llama3: wavelengths below original / high_freq_factor are left alone
+    rope_beta_fast: float = 32.0         # yarn: dimensions rotating more than beta_fast times extrapolate
+    rope_beta_slow: float = 1.0          # yarn: dimensions rotating less than beta_slow times interpolate
+    rope_truncate: bool = True           # yarn: round the ramp's ends to whole dimensions (HF's default)
+    rope_attention_factor: Optional[float] = None  # yarn: scale of cos/sin; None: 0.1 * ln(s) + 1
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     qkv_bias: bool = False         # Qwen-style bias on q/k/v only
@@ -55,7 +62,10 @@ class ModelConfig:
     # mixture of experts (n_experts = 0: dense model)
     n_experts: int = 0
     n_experts_per_tok: int = 2     # top-k
+    norm_topk_prob: bool = True    # renormalise the chosen k gate weights to sum 1 (False: raw softmax probs, Qwen-MoE)
     n_shared_experts: int = 0      # always-on experts (DeepSeekMoE)
+    shared_ffn_hidden: Optional[int] = None  # hidden size of the shared MLP; None: n_shared_experts * moe_ffn_hidden
+    shared_expert_gate: bool = False     # Qwen2-MoE: shared output * sigmoid(Linear(d, 1)(x)) per token
     moe_ffn_hidden: Optional[int] = None  # hidden size of one expert; None: ffn_hidden
     first_k_dense: int = 0         # the first k layers keep a dense MLP
     moe_aux_loss_coef: float = 0.01      # Switch-style load-balancing loss; 0 disables it
@@ -64,28 +74,36 @@ class ModelConfig:
 
     def __post_init__(self):
         # shape mistakes are config errors (ValueError), never silently "fixed"
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if self.head_dim is None:
+            if self.n_embd % self.n_head:
+                raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head} "
+                                 f"(or set head_dim explicitly)")
+            self.head_dim = self.n_embd // self.n_head
         if self.n_head % self.n_kv_head:
             raise ValueError(f"n_head={self.n_head} must be divisible by n_kv_head={self.n_kv_head}")
-        if (self.n_embd // self.n_head) % 2:
-            raise ValueError(f"head_dim = n_embd / n_head = {self.n_embd // self.n_head} must be even for RoPE")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
         if self.ffn_hidden is None:
             h = int(8 * self.n_embd / 3)
             self.ffn_hidden = self.ffn_multiple_of * math.ceil(h / self.ffn_multiple_of)
         if self.moe_ffn_hidden is None:
             self.moe_ffn_hidden = self.ffn_hidden
-        if self.rope_scaling not in (None, "linear", "ntk", "yarn"):
-            raise ValueError(f"unknown rope_scaling {self.rope_scaling!r}: use None, linear, ntk or yarn")
+        if self.shared_ffn_hidden is None:
+            self.shared_ffn_hidden = self.n_shared_experts * self.moe_ffn_hidden
+        if self.rope_scaling not in (None, "linear", "ntk", "yarn", "llama3"):
+            raise ValueError(f"unknown rope_scaling {self.rope_scaling!r}: use None, linear, ntk, yarn or llama3")
+        if self.rope_scaling == "llama3" and not self.rope_low_freq_factor < self.rope_high_freq_factor:
+            raise ValueError(f"llama3 RoPE needs rope_low_freq_factor={self.rope_low_freq_factor} < "
+                             f"rope_high_freq_factor={self.rope_high_freq_factor}")
         if self.n_experts and not 0 < self.n_experts_per_tok <= self.n_experts:
             raise ValueError(f"n_experts_per_tok={self.n_experts_per_tok} must be in 1..n_experts={self.n_experts}")
-
-    @property
-    def head_dim(self):
-        return self.n_embd // self.n_head
+        if self.shared_expert_gate and not self.n_shared_experts:
+            raise ValueError("shared_expert_gate=True needs a shared expert: set n_shared_experts >= 1")
 
     @classmethod
     def from_dict(cls, d):
+        """A config from a checkpoint's model_config; keys it lacks (older checkpoints) take the defaults, which
+        are the behaviour of the model.py that wrote it."""
         names = {f.name for f in fields(cls)}
         unknown = set(d) - names
         if unknown:
@@ -98,7 +116,9 @@ class ModelConfig:
 # rotary embeddings
 
 def rope_frequencies(cfg: ModelConfig):
-    """Inverse frequencies (head_dim/2,) in fp32 and the attention scale for cos/sin, with context-extension scaling."""
+    """Inverse frequencies (head_dim/2,) in fp32 and the attention scale for cos/sin, with context-extension scaling.
+    linear, yarn and llama3 follow transformers' modeling_rope_utils (the formulas HF checkpoints were trained with);
+    ntk is the static NTK-aware base stretch, which HF does not have (its "dynamic" NTK depends on the length)."""
     hd, base, s = cfg.head_dim, cfg.rope_theta, cfg.rope_factor
     if cfg.rope_scaling == "ntk":  # NTK-aware: stretch the base so the lowest frequency is interpolated by s
         base = base * s ** (hd / (hd - 2))
@@ -110,13 +130,28 @@ def rope_frequencies(cfg: ModelConfig):
         # per-frequency ramp: dimensions that rotate many times over the original context are left alone
         # (extrapolate), those that rotate less than once are interpolated by s, a linear ramp in between
         orig = cfg.rope_original_max_seq_len or cfg.max_seq_len
-        beta_fast, beta_slow = 32.0, 1.0
         def dim_of(n_rot):  # the dimension index that completes n_rot rotations over orig positions
             return hd * math.log(orig / (n_rot * 2 * math.pi)) / (2 * math.log(base))
-        low, high = max(math.floor(dim_of(beta_fast)), 0), min(math.ceil(dim_of(beta_slow)), hd // 2 - 1)
-        ramp = ((torch.arange(hd // 2, dtype=torch.float64) - low) / max(high - low, 1e-3)).clamp(0, 1)
+        low, high = dim_of(cfg.rope_beta_fast), dim_of(cfg.rope_beta_slow)
+        if cfg.rope_truncate:
+            low, high = math.floor(low), math.ceil(high)
+        # the upper bound is clamped to hd - 1 (not hd/2 - 1), as in the YaRN reference and transformers
+        low, high = max(low, 0), min(high, hd - 1)
+        if low == high:
+            high += 0.001  # no division by zero
+        ramp = ((torch.arange(hd // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
         inv_freq = inv_freq / s * ramp + inv_freq * (1 - ramp)
-        mscale = 0.1 * math.log(s) + 1.0 if s > 1 else 1.0  # attention temperature sqrt(1/t)
+        mscale = cfg.rope_attention_factor
+        if mscale is None:
+            mscale = 0.1 * math.log(s) + 1.0 if s > 1 else 1.0  # attention temperature sqrt(1/t)
+    elif cfg.rope_scaling == "llama3":
+        # Llama 3.1: wavelengths longer than orig / low_freq_factor are interpolated by s, those shorter than
+        # orig / high_freq_factor are left alone, and a smooth blend in between
+        orig = cfg.rope_original_max_seq_len or cfg.max_seq_len
+        lo, hi = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        smooth = ((orig / wavelen - lo) / (hi - lo)).clamp(0, 1)
+        inv_freq = (1 - smooth) * inv_freq / s + smooth * inv_freq
     return inv_freq.float(), mscale
 
 
@@ -168,8 +203,11 @@ class Attention(nn.Module):
         else:
             # generation: write this chunk's K/V into the cache at cache_pos, then attend over the cache.
             # enable_gqa lets SDPA read each K/V head for its group of query heads without repeating it.
+            # Prefill and decode are told apart by cache_pos (None: prefill), not by T: a batch of one-token
+            # prompts is a prefill with T == 1.
             kc, vc = cache.k[layer], cache.v[layer]
-            if T == 1:  # decode: one token per row, the whole (static-shape) buffer under the validity mask
+            if cache_pos is not None:  # decode: one token per row, the whole (static-shape) buffer under the mask
+                assert T == 1, f"a decode step writes one token per row, got {T}"
                 kc.index_copy_(2, cache_pos.view(1), k)
                 vc.index_copy_(2, cache_pos.view(1), v)
                 mask = cache.valid[:, None, None, :]
@@ -199,7 +237,10 @@ class MLP(nn.Module):
 class MoE(nn.Module):
     """Top-k routed experts (+ optional shared experts).
 
-    Routing: softmax router probabilities, top-k, gate weights renormalised over the chosen k.
+    Routing: softmax router probabilities, top-k, gate weights renormalised over the chosen k (norm_topk_prob;
+    without it the gate weights are the raw softmax probabilities, as in Qwen2-MoE / Qwen3-MoE configs that say so).
+    Shared experts: one always-on MLP of n_shared_experts * moe_ffn_hidden (or shared_ffn_hidden) units; with
+    shared_expert_gate (Qwen2-MoE) its output is scaled per token by sigmoid(shared_gate(x)), shared_gate: d -> 1.
     Balancing: the Switch auxiliary loss E * sum_i f_i * P_i (returned in self.aux_loss), and/or
     DeepSeek's aux-loss-free scheme: a per-expert bias added to the scores for *selection only*,
     nudged after each optimizer step towards equal load (see Transformer.update_moe_bias).
@@ -215,18 +256,22 @@ class MoE(nn.Module):
         self.w_gate = nn.Parameter(torch.empty(E, h, d))
         self.w_up = nn.Parameter(torch.empty(E, h, d))
         self.w_down = nn.Parameter(torch.empty(E, d, h))
-        self.shared = MLP(d, h * cfg.n_shared_experts, 0.0, impl) if cfg.n_shared_experts else None
+        self.norm_topk_prob = cfg.norm_topk_prob
+        self.shared = MLP(d, cfg.shared_ffn_hidden, 0.0, impl) if cfg.n_shared_experts else None
+        self.shared_gate = nn.Linear(d, 1, bias=False) if cfg.shared_expert_gate else None
         self.register_buffer("expert_bias", torch.zeros(E), persistent=True)
         self.register_buffer("expert_load", torch.zeros(E), persistent=False)  # tokens routed since last bias update
         self.dropout = cfg.dropout
         self.aux_loss = None
 
     def route(self, x):
-        """x (N, d) -> expert indices (N, k), renormalised gate weights (N, k), router probs (N, E)."""
+        """x (N, d) -> expert indices (N, k), gate weights (N, k), router probs (N, E)."""
         probs = F.softmax(self.router(x).float(), dim=-1)
         _, idx = torch.topk(probs + self.expert_bias, self.top_k, dim=-1)  # bias steers selection only
         weights = probs.gather(1, idx)
-        return idx, weights / weights.sum(-1, keepdim=True), probs
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(-1, keepdim=True)
+        return idx, weights, probs
 
     def forward(self, x):
         shape = x.shape
@@ -253,7 +298,10 @@ class MoE(nn.Module):
             out.index_add_(0, t, (he @ self.w_down[e].t()) * gate[start:start + n])
             start += n
         if self.shared is not None:
-            out = out + self.shared(x)
+            shared = self.shared(x)
+            if self.shared_gate is not None:
+                shared = torch.sigmoid(self.shared_gate(x)) * shared
+            out = out + shared
         return F.dropout(out, self.dropout, self.training).view(shape)
 
 
