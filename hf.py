@@ -38,7 +38,6 @@ import math
 import os
 import resource
 import shutil
-import sys
 import time
 from dataclasses import asdict, fields
 
