@@ -47,6 +47,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from lora import check_targets
 from optim import SCHEDULES
 
 # -----------------------------------------------------------------------------
@@ -243,7 +244,8 @@ wandb_run_name = "grpo"
 # what the configurator accepts (checked before any work is done)
 _choices = dict(dataset=("tasks", "gsm8k"), reward_funcs=("exact", "format", "gsm8k"),
                 loss_type=("grpo", "dapo", "dr_grpo"), lr_schedule=SCHEDULES, parallel=("ddp", "fsdp"),
-                device=("auto", "cpu", "cuda"), kernels=("auto", "triton", "torch"))
+                device=("auto", "cpu", "cuda"), kernels=("auto", "triton", "torch"),
+                lora_targets=check_targets)
 _ranges = dict(n_train="[1, inf)", num_generations="[2, inf)", prompts_per_step="[1, inf)",
                max_new_tokens="[1, inf)", temperature="(0, inf)", top_p="(0, 1]", top_k="[0, inf)", beta="[0, inf)",
                epsilon="[0, 1)", epsilon_high="[0, inf)", epsilon_std="[0, inf)", num_iterations="[1, inf)",

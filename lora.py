@@ -49,6 +49,14 @@ class LoRALinear(nn.Module):
             self.merged = False
 
 
+def check_targets(targets):
+    """What is wrong with a lora_targets value ("all" or comma-separated short names), or None."""
+    names = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else list(targets)
+    unknown = [t for t in names if t not in LORA_TARGETS and names != ["all"]]
+    return f"unknown LoRA target(s) {unknown}: use 'all' or comma-separated names from {', '.join(LORA_TARGETS)}" \
+        if unknown or not names else None
+
+
 def apply_lora(model, targets=("q", "k", "v", "o", "gate", "up", "down"), r=8, alpha=16, dropout=0.0, rslora=False):
     """Wrap the target linear layers (short names from LORA_TARGETS, as a tuple or a comma-separated string, or
     "all") in LoRALinear and freeze everything else. Returns the list of wrapped module names."""

@@ -26,6 +26,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from lora import check_targets
 from optim import SCHEDULES
 
 # -----------------------------------------------------------------------------
@@ -151,7 +152,8 @@ wandb_run_name = "run"
 
 # what the configurator accepts (checked before any work is done)
 _choices = dict(lr_schedule=SCHEDULES, parallel=("ddp", "fsdp"), device=("auto", "cpu", "cuda"),
-                kernels=("auto", "triton", "torch"))
+                kernels=("auto", "triton", "torch"),
+                lora_targets=check_targets)
 _ranges = dict(val_fraction="(0, 1)", max_records="[1, inf) or -1", max_val_records="[1, inf)",
                max_len="[1, inf) or -1", task_pairs="[1, inf)", task_val_pairs="[1, inf)", sampled_pairs="[0, inf)",
                num_samples="[1, inf)", sample_temperature="(0, inf)", score_margin="[0, inf)",

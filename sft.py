@@ -37,7 +37,7 @@ from checkpoint import (check_vocab, check_writable, checkpoint_dict, fingerprin
                         save_checkpoint)
 from distributed import (check_replicas_identical, fsdp_gathered, grad_sync, parallelize, setup_distributed,
                          teardown_distributed, unwrap)
-from lora import apply_lora, lora_modules, merge_lora, merged_model
+from lora import apply_lora, check_targets, lora_modules, merge_lora, merged_model
 from model import Transformer
 from optim import SCHEDULES, configure_optimizer, lr_at, mark_nonfinite, stop_if_nonfinite
 
@@ -109,7 +109,8 @@ wandb_project = "sft"
 wandb_run_name = "sft"
 # what the configurator accepts (checked before any work is done)
 _choices = dict(lr_schedule=SCHEDULES, parallel=("ddp", "fsdp"), device=("auto", "cpu", "cuda"),
-                kernels=("auto", "triton", "torch"))
+                kernels=("auto", "triton", "torch"),
+                lora_targets=check_targets)
 _ranges = dict(n_train="[1, inf)", val_size="[0, inf)", max_seq_len="[1, inf) or 0", batch_size="[1, inf)",
                grad_accum="[1, inf)", max_steps="[1, inf)", lr="(0, inf)", min_lr="[0, inf)", warmup_steps="[0, inf)",
                weight_decay="[0, inf)", beta1="[0, 1)", beta2="[0, 1)", adam_eps="(0, inf)", grad_clip="[0, inf)",

@@ -22,7 +22,8 @@ checks them once all overrides are applied, before any work is done:
                    max_steps="[1, inf) or -1")     # interval notation, plus documented sentinel values
 
 A tuple-valued setting with choices (reward_funcs) must have every element among them; a None value
-(an optional setting left unset) is not checked.
+(an optional setting left unset) is not checked. A choice may also be a function of the value that returns
+what is wrong with it, or None (lora_targets="q,v": lora.check_targets).
 """
 
 import ast
@@ -76,6 +77,11 @@ def check_values(g, choices, ranges):
     """Raise SystemExit naming the first setting of g outside its declared choices or range."""
     for key, allowed in choices.items():
         value = g[key]
+        if callable(allowed):  # a check of its own: returns what is wrong with the value, or None
+            problem = allowed(value)
+            if problem:
+                raise SystemExit(f"config error: {key}={value!r} is not valid: {problem}")
+            continue
         values = value if isinstance(value, (tuple, list)) else (value,)
         bad = [v for v in values if v is not None and v not in allowed]
         if bad:
