@@ -140,7 +140,8 @@ def loglikelihoods(model, requests, batch_size=32, progress=None):
                 sel_pos += range(start, start + len(cont))
                 targets += cont
                 owner += [i] * len(cont)
-        logits = model.lm_head(hidden[sel_row, sel_pos]).float()
+        with torch.autocast(device.type, enabled=False):  # the head in fp32: few positions, exact scores
+            logits = F.linear(hidden[sel_row, sel_pos].float(), model.lm_head.weight.float())
         if cap:
             logits = cap * torch.tanh(logits / cap)
         logp = F.log_softmax(logits, dim=-1)

@@ -127,7 +127,7 @@ def write_summary(report_dir, stage, summary):
 
 
 def load_summaries(report_dir):
-    """The stage summaries in report_dir, in pipeline order (then other stages by name)."""
+    """The stage summaries in report_dir, in pipeline order (then other stages in the order they were written)."""
     out = []
     for name in sorted(os.listdir(report_dir)) if os.path.isdir(report_dir) else []:
         if not name.endswith(".json"):
@@ -140,7 +140,7 @@ def load_summaries(report_dir):
         if isinstance(s, dict) and "stage" in s:
             out.append(s)
     rank = {s: i for i, s in enumerate(STAGE_ORDER)}
-    return sorted(out, key=lambda s: (rank.get(s["stage"], len(rank)), s["stage"]))
+    return sorted(out, key=lambda s: (rank.get(s["stage"], len(rank)), str(s.get("written", "")), s["stage"]))
 
 
 def fmt(v):

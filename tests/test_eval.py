@@ -402,47 +402,72 @@ def test_eval_under_torchrun_equals_one_process(tiny_ckpt, tmp_path):
 # parity with lm_eval itself (--model hf on the exported checkpoint)
 
 
-def test_parity_with_lm_eval_hf_model(tiny_ckpt, tmp_path):
-    """lm_eval's HFLM on the checkpoint exported to an HF directory, through custom tasks whose dataset_path is
-    json on the same local rows, offline: every document's chosen answer and the accuracies must equal ours."""
-    lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is the test-time reference: pip install lm-eval")
+def test_parity_with_lm_eval_hf_model(tmp_path):
+    """lm_eval's HFLM on a checkpoint exported to an HF directory, through custom tasks whose dataset_path is json
+    on the same local rows, offline: every document's chosen answer (ARC, HellaSwag, MMLU, 1-shot), every GSM8K
+    completion (5-shot) and the accuracies must equal ours."""
+    lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is the test-time reference: pip install lm-eval accelerate")
     try:
         import hf
     except ImportError:
-        pytest.skip("needs the HF export (hf.py: `python hf.py export --ckpt=... --out=...`, branch wt-hf) and "
-                    "the HF tokenizer export (data/hf_tokenizer.py, branch wt-tok), not on this branch yet")
+        pytest.skip("needs the HF export (hf.py: hf.export_checkpoint(ckpt, out_dir), branch wt-hf) and the HF "
+                    "tokenizer export (data/hf_tokenizer.py, branch wt-tok), not on this branch yet")
     import lm_eval.evaluator
     from lm_eval.tasks._yaml_loader import load_yaml
-    from checkpoint import load_model
+    from checkpoint import checkpoint_dict, load_model, save_checkpoint
+    from model import Transformer
     os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    torch.manual_seed(0)
+    model = Transformer(tiny_config())
+    with torch.no_grad():  # every weight random, norms too; large enough that choices are far from ties
+        for name, p in model.named_parameters():
+            p.uniform_(0.5, 1.5) if "norm" in name else p.normal_(0, 0.3)
+    ckpt = str(tmp_path / "ckpt.pt")
+    save_checkpoint(ckpt, checkpoint_dict(model, "default", step=0))
     hf_dir = str(tmp_path / "hf")
-    hf.export_checkpoint(tiny_ckpt, hf_dir)
+    hf.export_checkpoint(ckpt, hf_dir)
     root = write_bench(tmp_path / "bench")
     tasks_dir = os.path.join(os.path.dirname(lm_eval.__file__), "tasks")
     configs = {}
-    for name, yaml_path, splits in [("arc_easy", "arc/arc_easy.yaml", dict(train="train", test="test")),
-                                    ("hellaswag", "hellaswag/hellaswag.yaml", dict(train="train", validation="validation")),
-                                    ("mmlu", "mmlu/default/mmlu_anatomy.yaml", dict(dev="dev", test="test"))]:
+    for name, yaml_path, splits, k in [
+            ("arc_easy", "arc/arc_easy.yaml", dict(train="train", test="test"), 1),
+            ("hellaswag", "hellaswag/hellaswag.yaml", dict(train="train", validation="validation"), 1),
+            ("mmlu", "mmlu/default/mmlu_anatomy.yaml", dict(dev="dev", test="test"), 1),
+            ("gsm8k", "gsm8k/gsm8k.yaml", dict(train="train", test="test"), 5)]:
         cfg = load_yaml(os.path.join(tasks_dir, yaml_path))
         cfg.pop("tag", None)
-        cfg.update(task=f"parity_{name}", dataset_path="json", dataset_name=None, num_fewshot=1,
+        cfg.update(task=f"parity_{name}", dataset_path="json", dataset_name=None, num_fewshot=k,
                    dataset_kwargs=dict(data_files={s: os.path.join(root, name, f"{f}.jsonl") for s, f in splits.items()},
                                        cache_dir=str(tmp_path / "hf_cache")))
-        configs[name] = cfg
+        if name == "gsm8k":
+            cfg["generation_kwargs"] = dict(cfg["generation_kwargs"], max_gen_toks=16)
+        configs[name] = (cfg, k)
     out = lm_eval.evaluator.simple_evaluate(model="hf", model_args=f"pretrained={hf_dir},dtype=float32",
-                                            tasks=list(configs.values()), device="cpu", batch_size=4, log_samples=True,
-                                            fewshot_random_seed=1234)
-    model, meta = load_model(tiny_ckpt)
+                                            tasks=[c for c, _ in configs.values()], device="cpu", batch_size=4,
+                                            log_samples=True, fewshot_random_seed=1234)
+    model, meta = load_model(ckpt)
     tok = get_tokenizer(meta["tokenizer"])
-    for name in configs:
-        d = bm.load_benchmark(name, root, num_fewshot=1)
+    for name, (_, k) in configs.items():
+        d = bm.load_benchmark(name, root, num_fewshot=k)
+        samples = sorted(out["samples"][f"parity_{name}"], key=lambda s: s["doc_id"])
+        results = out["results"][f"parity_{name}"]
+        if name == "gsm8k":  # HF's tokenizer adds no BOS (bos=False), its eos is <|im_end|>
+            ids = [tok.encode(p) for p in bm.gsm8k_prompts(d["docs"], d["pool"], d["k"])]
+            ours = ev.generate_until(model, tok, ids, 16, bm.GSM8K_STOP, stop_ids=(tok.im_end_id,))
+            theirs = {s["doc_id"]: s["resps"][0][0] for s in samples}
+            assert ours == [theirs[i] for i in range(len(ours))]
+            for key, flt in (("strict", "strict-match"), ("flexible", "flexible-extract")):
+                acc = sum(bm.gsm8k_score(c, x["answer"])[key] for c, x in zip(ours, d["docs"])) / len(ours)
+                assert results[f"exact_match,{flt}"] == pytest.approx(acc)
+            continue
         ours = ev.score_multiple_choice(model, tok, bm.multiple_choice_prompts(name, d["docs"], d["pool"], d["k"]),
                                         [x["choices"] for x in d["docs"]], bos=False)
-        samples = sorted(out["samples"][f"parity_{name}"], key=lambda s: s["doc_id"])
         theirs = [max(range(len(s["filtered_resps"])), key=lambda i: s["filtered_resps"][i][0]) for s in samples]
         assert [o["pred"] for o in ours] == theirs, name
-        acc = sum(o["pred"] == x["gold"] for o, x in zip(ours, d["docs"])) / len(ours)
-        assert out["results"][f"parity_{name}"]["acc,none"] == pytest.approx(acc)
+        assert [ll for o in ours for ll in o["lls"]] == pytest.approx(
+            [r[0] for s in samples for r in s["filtered_resps"]], abs=1e-4)
+        assert results["acc,none"] == pytest.approx(sum(o["pred"] == x["gold"] for o, x in zip(ours, d["docs"]))
+                                                    / len(ours))
         if name != "mmlu":
-            acc_norm = sum(o["pred_norm"] == x["gold"] for o, x in zip(ours, d["docs"])) / len(ours)
-            assert out["results"][f"parity_{name}"]["acc_norm,none"] == pytest.approx(acc_norm)
+            assert results["acc_norm,none"] == pytest.approx(
+                sum(o["pred_norm"] == x["gold"] for o, x in zip(ours, d["docs"])) / len(ours))
