@@ -11,8 +11,10 @@ $ torchrun --standalone --nproc_per_node=8 dpo.py configs/dpo_ultrafeedback.py
 With h = (log pi(y_c) - log pi_ref(y_c)) - (log pi(y_r) - log pi_ref(y_r)), log-probs summed over
 the response tokens only (not the prompt, not padding):
   sigmoid  -log sigmoid(beta h)                                        DPO (Rafailov et al. 2023)
-  robust   (1 - eps) * -log sigmoid(beta h) + eps * -log sigmoid(-beta h),  eps = label_smoothing
-           (conservative / label-smoothed DPO, for pairs whose label is wrong with probability eps)
+           with label_smoothing = eps > 0: (1 - eps) * -log sigmoid(beta h) + eps * -log sigmoid(-beta h),
+           conservative DPO (cDPO, Mitchell 2023): a label-smoothed loss for labels wrong with probability eps
+  robust   ((1 - eps) * -log sigmoid(beta h) - eps * -log sigmoid(-beta h)) / (1 - 2 eps)
+           robust DPO (rDPO, Chowdhury et al. 2024): unbiased under label flips with probability eps
   ipo      (h - 1 / (2 beta))^2                                        IPO (Azar et al. 2023)
   hinge    max(0, 1 - beta h)                                          SLiC (Zhao et al. 2023)
 reference-free, with length-normalised log-probs lp = log pi(y) / |y|:
@@ -53,13 +55,15 @@ _LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge") + _REFERENCE_FREE
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1, loss_type="sigmoid",
              label_smoothing=0.0):
     """Per-pair losses of the reference-based losses from summed response log-probs, and the implicit
-    rewards beta * (log pi - log pi_ref) of chosen and rejected (detached)."""
+    rewards beta * (log pi - log pi_ref) of chosen and rejected (detached). label_smoothing (0 <= eps < 0.5)
+    makes sigmoid the conservative cDPO; robust is rDPO (TRL's names and definitions)."""
     chosen_ratio, rejected_ratio = policy_chosen - ref_chosen, policy_rejected - ref_rejected
     h = chosen_ratio - rejected_ratio
+    eps = label_smoothing
     if loss_type == "sigmoid":
-        losses = -F.logsigmoid(beta * h)
+        losses = -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
     elif loss_type == "robust":
-        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+        losses = (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
     elif loss_type == "ipo":
         losses = (h - 1 / (2 * beta)) ** 2
     elif loss_type == "hinge":
@@ -124,7 +128,7 @@ def falling_streak(values, window):
 # -----------------------------------------------------------------------------
 # config: every global below can be set from a config file or --key=value
 out_dir = "out/dpo"
-init_from = "out/sft/ckpt.pt"   # the policy starts here; the reference is this model, frozen
+init_from = "out/sft/ckpt.pt"   # the policy starts here; the reference is this model, frozen ("resume": out_dir)
 seed = 1337
 # data (as reward.py)
 data = "tasks"             # "tasks" (pairs from data/tasks.py) | .json/.jsonl/.parquet file(s) | hub dataset name
@@ -145,7 +149,7 @@ sample_temperature = 1.0
 # objective
 loss_type = "sigmoid"      # sigmoid | robust | ipo | hinge | simpo | orpo
 beta = 0.1
-label_smoothing = 0.0      # eps of loss_type="robust"
+label_smoothing = 0.0      # eps: sigmoid -> cDPO, and the flip rate of loss_type="robust" (0 <= eps < 0.5)
 simpo_gamma = 0.5
 orpo_lambda = 0.1
 rpo_alpha = 1.0            # the task pairs differ in a token or two, where plain DPO lowers chosen too (DPOP/RPO);
@@ -181,6 +185,8 @@ eval_interval = 100
 eval_tasks = 500           # greedy exact-match on this many held-out data/tasks.py questions, before and after (0: off)
 eval_max_new_tokens = 24
 logp_warn_window = 5       # warn when logps/chosen fell at this many consecutive logs
+ckpt_interval = 100        # save (with optimizer state, for init_from="resume") every this many steps; 0 = at the end
+halt_at_step = -1          # stop early at this step, keeping the schedule (a planned interruption)
 wandb_log = False
 wandb_project = "dpo"
 wandb_run_name = "run"
@@ -197,7 +203,15 @@ _ranges = dict(val_fraction="(0, 1)", max_records="[1, inf) or -1", max_val_reco
                num_epochs="(0, inf)", max_steps="[1, inf) or -1", lr="(0, inf)", min_lr="[0, inf)",
                warmup_steps="[0, inf)", weight_decay="[0, inf)", beta1="[0, 1)", beta2="[0, 1)", grad_clip="[0, inf)",
                log_interval="[1, inf)", eval_interval="[1, inf)", eval_tasks="[0, inf)",
-               eval_max_new_tokens="[1, inf)", logp_warn_window="[2, inf)")
+               eval_max_new_tokens="[1, inf)", logp_warn_window="[2, inf)", ckpt_interval="[0, inf)",
+               halt_at_step="[1, inf) or -1")
+# init_from="resume" continues with the checkpoint's model, reference and data: these must not change on resume
+_resume_fixed = ("data", "train_split", "val_data", "val_split", "val_fraction", "max_records", "max_val_records",
+                 "max_len", "task_pairs", "task_val_pairs", "sampled_pairs", "num_samples", "sample_temperature",
+                 "seed", "loss_type", "precompute_ref_logprobs", "lora_r", "lora_alpha", "lora_dropout",
+                 "lora_targets", "eval_tasks")
+_resume_schedule = ("batch_size", "grad_accum", "num_epochs", "max_steps", "lr", "min_lr", "warmup_steps",
+                    "lr_schedule", "beta", "label_smoothing", "simpo_gamma", "orpo_lambda", "rpo_alpha", "world_size")
 
 if __name__ == "__main__":
     from configs import configure
@@ -205,7 +219,8 @@ if __name__ == "__main__":
 
     import torch.distributed as dist
 
-    from checkpoint import checkpoint_dict, load_model, model_state_dict, save_checkpoint
+    from checkpoint import (check_vocab, check_writable, fingerprint, load_model, load_optimizer_state,
+                            optimizer_state_dict, restore_rng_states, rng_states, save_checkpoint, training_checkpoint)
     from data import tasks
     from data.chat import BadRecord
     from data.records import DataError
@@ -213,12 +228,13 @@ if __name__ == "__main__":
                                  task_pairs as make_task_pairs)
     from data.tokenizer import get_tokenizer
     from distributed import check_replicas_identical, grad_sync, parallelize, setup_distributed, teardown_distributed
-    from lora import apply_lora, lora_disabled, merged_model
+    from lora import apply_lora, lora_disabled, lora_modules, merge_lora
     from model import Transformer
-    from optim import configure_optimizer, lr_at
+    from optim import configure_optimizer, lr_at, mark_nonfinite, stop_if_nonfinite
 
-    if label_smoothing and loss_type != "robust":
-        raise SystemExit(f"label_smoothing={label_smoothing} applies to loss_type='robust' only (got {loss_type!r})")
+    if label_smoothing and loss_type not in ("sigmoid", "robust"):
+        raise SystemExit(f"config error: label_smoothing={label_smoothing} applies to loss_type 'sigmoid' (cDPO) and "
+                         f"'robust' (rDPO) only, not {loss_type!r}")
     ddp, rank, world_size, device, autocast = setup_distributed(device)
     master = rank == 0
     torch.manual_seed(seed)
@@ -226,22 +242,45 @@ if __name__ == "__main__":
     fsdp = ddp and parallel == "fsdp"
 
     # model ----------------------------------------------------------------------------------
-    if not os.path.exists(init_from):
-        raise SystemExit(f"init_from={init_from} not found: run `python sft.py` first, "
+    # Dropout off in policy and reference (as TRL): with it, policy == reference would not give log 2 at step 0.
+    resume = init_from == "resume"
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    source = ckpt_path if resume else init_from
+    if not os.path.exists(source):
+        raise SystemExit(f"init_from={source} not found: run `python sft.py` first, "
                          f"or point --init_from at a language-model checkpoint")
     try:
-        policy, ckpt = load_model(init_from, kernels=kernels)
-    except ValueError as e:  # e.g. a reward model where a language model is needed
+        policy, ckpt = load_model(source, kernels=kernels, dropout=0.0)
+        tok_name = ckpt["tokenizer"]
+        tok = get_tokenizer(tok_name)
+        check_vocab(policy, tok, source)
+        if resume:
+            from configs import check_resume
+            check_resume(ckpt, {**config, "world_size": world_size}, _resume_fixed, _resume_schedule, ckpt_path)
+            base_init, start_step, sampled = ckpt["init_from"], ckpt["step"], ckpt["sampled_records"]
+            acc_before, v = ckpt["task_accuracy_before"], ckpt["val_metrics"]
+            # the reference is the initial policy: reload it, and make sure it is the file the run started from
+            if ckpt["init_fingerprint"] != fingerprint(base_init):
+                raise SystemExit(f"dpo: cannot resume {ckpt_path}: its reference, the initial policy {base_init}, "
+                                 f"has changed since the run started (fingerprint mismatch); restore it")
+            reference, _ = load_model(base_init, kernels=kernels, dropout=0.0) if lora_r == 0 else (None, None)
+        else:
+            base_init, start_step, sampled, reference = os.path.abspath(init_from), 0, None, policy
+    except ValueError as e:  # e.g. a reward model where a language model is needed, a corrupt file
         raise SystemExit(f"dpo: init_from: {e}")
-    tok_name = ckpt["tokenizer"]
-    tok = get_tokenizer(tok_name)
+    if master:
+        check_writable(out_dir, protect=(base_init,))
+    init_fingerprint = fingerprint(base_init)
+    if lora_modules(policy) and not resume:
+        merge_lora(policy)  # an adapter checkpoint from sft.py: start from (and refer to) the merged model
     cfg = policy.config
     policy.to(device)
     seq_cap = cfg.max_seq_len if max_len < 0 else min(max_len, cfg.max_seq_len)
     needs_ref = loss_type not in _REFERENCE_FREE
-    ref_model = None
-    if needs_ref and lora_r == 0 and not precompute_ref_logprobs:
-        ref_model = copy.deepcopy(policy).eval().requires_grad_(False)
+    ref_model = None  # a frozen copy of the initial policy (full fine-tuning; precomputing on resume needs it too)
+    if needs_ref and lora_r == 0 and (not precompute_ref_logprobs or resume):
+        ref_model = copy.deepcopy(policy) if reference is policy else reference
+        ref_model.to(device).eval().requires_grad_(False)
         if fsdp:
             ref_model = parallelize(ref_model, "fsdp", device)
 
@@ -250,14 +289,18 @@ if __name__ == "__main__":
     if data == "tasks":
         train_records = make_task_pairs(task_pairs, "train", seed)
         val_records = make_task_pairs(task_val_pairs, "test", seed)
-        if sampled_pairs:  # on-policy pairs: the policy's own mistakes as rejected
-            policy.eval()
+        if sampled_pairs and sampled is None:  # on-policy pairs: the initial policy's own mistakes as rejected
+            policy.eval()                      # (a resumed run reuses the ones it sampled, saved with it)
             with autocast:
-                extra = sampled_task_pairs(policy, tok, tasks.generate(sampled_pairs, "train", seed + 1), num_samples,
-                                           sample_temperature, seed=seed + rank)
+                sampled = sampled_task_pairs(policy, tok, tasks.generate(sampled_pairs, "train", seed + 1),
+                                             num_samples, sample_temperature, seed=seed + rank)
             policy.train()
-            log(f"sampled {len(extra)} on-policy pairs from {sampled_pairs} questions x {num_samples} samples")
-            train_records += extra
+            log(f"sampled {len(sampled)} on-policy pairs from {sampled_pairs} questions x {num_samples} samples")
+            if ddp:  # each rank sampled its own pairs: train on rank 0's everywhere
+                obj = [sampled]
+                dist.broadcast_object_list(obj, src=0)
+                sampled = obj[0]
+        train_records += sampled or []
     else:
         try:
             train_records = load_preferences(data, train_split, skip_bad, None if max_records < 0 else max_records,
@@ -274,21 +317,22 @@ if __name__ == "__main__":
         val_set = encode_records(as_pairs(val_records)[:max_val_records], tok, seq_cap, verbose=master, what="val")
     except DataError as e:  # nothing left to train on, and why
         raise SystemExit(f"dpo: {e}")
-    if ddp and data == "tasks" and sampled_pairs:  # each rank sampled its own pairs: train on rank 0's everywhere
-        obj = [train_set]
-        dist.broadcast_object_list(obj, src=0)
-        train_set = obj[0]
     pairs_per_step = batch_size * grad_accum * world_size
     steps = max_steps if max_steps > 0 else max(1, math.ceil(num_epochs * len(train_set) / pairs_per_step))
 
-    if lora_r > 0:
-        apply_lora(policy, lora_targets, lora_r, lora_alpha, lora_dropout)
+    lora = dict(targets=lora_targets, r=lora_r, alpha=lora_alpha, dropout=lora_dropout) if lora_r > 0 else None
+    if lora and not resume:  # (a resumed LoRA policy comes back with its adapters)
+        apply_lora(policy, **lora)
         policy.to(device)
     policy.activation_checkpointing = activation_checkpointing
     raw_model = policy
     n_train = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
     model = parallelize(policy, parallel if ddp else "none", device)
     optimizer = configure_optimizer(model, lr, weight_decay, (beta1, beta2), device_type=device.type)
+    if resume:
+        load_optimizer_state(model, optimizer, ckpt["optimizer"])
+        restore_rng_states(ckpt["rng"], rank, device)
+    del ckpt, reference
     if compile:
         model = torch.compile(model)
     ref_kind = ("none (reference-free)" if not needs_ref else "precomputed log-probs" if precompute_ref_logprobs
@@ -338,6 +382,7 @@ if __name__ == "__main__":
     if needs_ref and precompute_ref_logprobs:
         t0 = time.time()
         train_ref, val_ref = precompute(train_set), precompute(val_set)
+        ref_model = None  # (held on resume, to precompute from the initial policy)
         log(f"precomputed reference log-probs of {len(train_set) + len(val_set)} pairs in {time.time() - t0:.0f}s")
 
     def forward_pairs(records, ids, ref_table):
@@ -358,7 +403,7 @@ if __name__ == "__main__":
         stats = torch.stack([losses.detach().sum(), r_c.sum(), r_r.sum(), (r_c - r_r).sum(),
                              (r_c > r_r).float().sum(), logps[:B].detach().sum(), logps[B:].detach().sum(),
                              torch.tensor(float(B), device=device)])
-        return losses, stats, (idx != tok.pad_id).sum().item()
+        return losses, stats, (idx != tok.pad_id).sum()
 
     STAT_NAMES = ("loss", "rewards/chosen", "rewards/rejected", "margins", "accuracy", "logps/chosen", "logps/rejected")
 
@@ -409,14 +454,33 @@ if __name__ == "__main__":
     def fmt_stats(s):
         return " | ".join(f"{k} {v:.4f}" for k, v in s.items())
 
-    # training: evaluate at the top of an iteration, so step 0, every eval_interval and the last step take
-    # the same path (the task accuracy, which generates, only before and after training) ---------------
+    def save(step):
+        """A checkpoint to resume from; at the end the result: a plain language model (LoRA merged).
+        Every rank calls this (collectives under DDP/FSDP)."""
+        stop_if_nonfinite(first_bad, model, ckpt_path)  # never write NaN weights over the last good checkpoint
+        finished = step == steps
+        extra = dict(step=step, config=config, init_from=base_init, init_fingerprint=init_fingerprint, val_metrics=v,
+                     task_accuracy_before=acc_before, sampled_records=sampled, rng=rng_states(device, ddp))
+        if finished and acc_before:
+            extra["task_accuracy_after"] = acc_after
+        if not finished:
+            extra["optimizer"] = optimizer_state_dict(model, optimizer)
+        state = training_checkpoint(model, tok_name, lora, finished, lambda: Transformer(cfg), **extra)
+        if master:
+            save_checkpoint(ckpt_path, state, protect=(base_init,))
+            log(f"saved {ckpt_path} at step {step}")
+
+    # training: evaluate and save at the top of an iteration, so step 0, every interval and the last step take
+    # the same path (the task accuracy, which generates, only before and after training) -------------------
     model.train()
+    last_step = steps if halt_at_step < 0 else min(halt_at_step, steps)
+    first_bad = torch.tensor(-1, device=device)  # the first non-finite step (optim.mark_nonfinite)
     t_start = t_log = time.time()
-    tokens, window, chosen_history, warned = 0, torch.zeros(8, device=device), [], False
-    for step in range(steps + 1):
-        final = step == steps
-        if step == 0 or final:
+    tokens, window, chosen_history, warned = torch.zeros((), device=device), torch.zeros(8, device=device), [], False
+    acc_after = None
+    for step in range(start_step, last_step + 1):
+        final = step == last_step
+        if (step == 0 or final) and not (resume and step == start_step):
             acc = task_accuracy()
             if acc:
                 log(f"step {step}: task exact-match {fmt_acc(acc)}"
@@ -425,46 +489,51 @@ if __name__ == "__main__":
                 acc_before = acc
             else:
                 acc_after = acc
-        if step % eval_interval == 0 or final:
+        if (step % eval_interval == 0 or final) and not (resume and step == start_step):
+            stop_if_nonfinite(first_bad, ckpt_path=ckpt_path)
             v = evaluate_pairs()
             log(f"step {step}: val {fmt_stats(v)}")
             if step > 0 and wandb_log and master:
                 wandb.log({f"val/{k}": x for k, x in v.items()}, step=step)
             t_log = time.time()  # evaluation time is not training throughput
+        if step > start_step and ((ckpt_interval and step % ckpt_interval == 0) or final):
+            save(step)
         if final:
             break
 
         cur_lr = lr_at(step, steps, lr, warmup_steps, min_lr, lr_schedule)
         for group in optimizer.param_groups:
             group["lr"] = cur_lr
-        step_loss = 0.0
+        step_loss = torch.zeros((), device=device)
         for micro in range(grad_accum):
             ids = train_ids_at(step, micro)
             with grad_sync(model, micro == grad_accum - 1), autocast:
                 losses, stats, n_tok = forward_pairs([train_set[i] for i in ids], torch.tensor(ids, device=device),
                                                      train_ref if needs_ref and precompute_ref_logprobs else None)
                 loss = losses.mean()
+                aux = raw_model.moe_aux_loss()  # the per-token log-probs carry no balancing loss: add it here
+                if aux is not None and cfg.moe_aux_loss_coef > 0:
+                    loss = loss + cfg.moe_aux_loss_coef * aux
             (loss / grad_accum).backward()
-            step_loss += loss.item() / grad_accum
+            step_loss += loss.detach() / grad_accum
             window += stats.detach()
             tokens += n_tok
-        if not math.isfinite(step_loss):
-            raise SystemExit(f"non-finite loss at step {step + 1}: stopping without saving. "
-                             f"Lower lr, or check the data")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+        first_bad = mark_nonfinite(first_bad, step, step_loss, grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         raw_model.update_moe_bias()
         done = step + 1
-        if done % log_interval == 0 or done == steps:
+        if done % log_interval == 0 or done == last_step:
             if ddp:
                 dist.all_reduce(window)
+            stop_if_nonfinite(first_bad, ckpt_path=ckpt_path)
             s = summarise(window)
-            step_loss = s["loss"]  # logged: the mean over the pairs of every rank since the last log
             dt = time.time() - t_log
-            eta = (steps - done) * (time.time() - t_start) / done
-            log(f"step {done}/{steps} | loss {step_loss:.4f} | lr {cur_lr:.2e} | grad_norm {grad_norm.item():.2f} | "
-                f"tok/s {tokens * world_size / dt:,.0f} | rewards/chosen {s['rewards/chosen']:.3f} | "
+            eta = (last_step - done) * (time.time() - t_start) / (done - start_step)
+            # logged loss: the mean over the pairs of every rank since the last log
+            log(f"step {done}/{steps} | loss {s['loss']:.4f} | lr {cur_lr:.2e} | grad_norm {grad_norm.item():.2f} | "
+                f"tok/s {tokens.item() * world_size / dt:,.0f} | rewards/chosen {s['rewards/chosen']:.3f} | "
                 f"rewards/rejected {s['rewards/rejected']:.3f} | margins {s['margins']:.3f} | "
                 f"accuracy {s['accuracy']:.3f} | logps/chosen {s['logps/chosen']:.2f} | "
                 f"logps/rejected {s['logps/rejected']:.2f} | eta {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
@@ -479,22 +548,14 @@ if __name__ == "__main__":
             else:
                 warned = False
             if wandb_log and master:
-                wandb.log({"loss": step_loss, "lr": cur_lr, "grad_norm": grad_norm.item(),
+                wandb.log({"loss": s["loss"], "lr": cur_lr, "grad_norm": grad_norm.item(),
                            **{f"train/{k}": v for k, v in s.items()}}, step=done)
-            t_log, tokens, window = time.time(), 0, torch.zeros(8, device=device)
+            t_log, tokens, window = time.time(), torch.zeros((), device=device), torch.zeros(8, device=device)
 
     if ddp and parallel == "ddp":
         log(f"parameters identical on all {check_replicas_identical(model)} ranks")
-
-    # save: a plain language model (LoRA merged) -------------------------------------------------
-    state = model_state_dict(model)  # every rank joins the gather under FSDP
-    if master:
-        lora = dict(targets=lora_targets, r=lora_r, alpha=lora_alpha, dropout=lora_dropout) if lora_r > 0 else None
-        final = merged_model(state, Transformer(cfg), lora)
-        path = os.path.join(out_dir, "ckpt.pt")
-        extra = dict(task_accuracy_before=acc_before[0], task_accuracy_after=acc_after[0]) if acc_before else {}
-        save_checkpoint(path, checkpoint_dict(final, tok_name, step=steps, config=config, val_metrics=v,
-                                              init_from=init_from, **extra))
-        summary = (f" | task exact-match {acc_before[0]:.3f} -> {acc_after[0]:.3f}" if acc_before else "")
-        print(f"saved {path}{summary} ({time.time() - t_start:.0f}s)")
+    if last_step < steps:
+        log(f"halted at step {last_step} (halt_at_step); continue with --init_from=resume --out_dir={out_dir}")
+    elif acc_before and acc_after:
+        log(f"task exact-match {acc_before[0]:.3f} -> {acc_after[0]:.3f} ({time.time() - t_start:.0f}s)")
     teardown_distributed(ddp)

@@ -322,7 +322,8 @@ class Transformer(nn.Module):
         targets (B, T), -100 = ignore: the loss is computed by the fused linear + cross-entropy, which
         never materialises the (B*T, vocab) logits, so logits is returned as None. reduction "mean"
         (per target token), "sum" (for normalising over a whole optimizer step) or "none" (per-token
-        loss, i.e. minus the log-prob of each target, 0 where ignored — the preference/RL stages use it).
+        loss, i.e. minus the log-prob of each target, 0 where ignored — the preference/RL stages use it; it never
+        includes z-loss or the MoE aux loss: callers add model.moe_aux_loss() to their own objective).
         temperature divides the logits before the softmax (RL log-probs of tempered sampling).
         positions (B, T): per-token RoPE positions (packed sequences restart at 0 per document);
         doc_ids (B, T): tokens attend only within their own document.
@@ -358,7 +359,9 @@ class Transformer(nn.Module):
         rows = keep.nonzero().squeeze(1) if sparse else None
         loss = kernels.linear_cross_entropy(
             x[rows] if sparse else x, self.lm_head.weight, targets[rows] if sparse else targets, ignore_index=-100,
-            reduction=reduction, z_loss=cfg.z_loss if self.training else 0.0, softcap=cfg.logit_softcap,
+            # z-loss is a training regulariser of the mean/sum loss; "none" returns log-probs, which must be exact
+            reduction=reduction, z_loss=cfg.z_loss if self.training and reduction != "none" else 0.0,
+            softcap=cfg.logit_softcap,
             impl=self.impl)
         if reduction == "none":
             if sparse:

@@ -3,6 +3,7 @@ The optimizer and learning-rate schedules every stage shares.
 """
 
 import math
+import os
 
 import torch
 
@@ -37,3 +38,30 @@ def lr_at(step, max_steps, lr, warmup_steps=0, min_lr=0.0, schedule="cosine", de
         raise ValueError(f"unknown lr_schedule {schedule!r}: use cosine, wsd or constant")
     progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+# -----------------------------------------------------------------------------
+# non-finite steps. A loss can be finite while the gradient is not (an overflow in the backward); then the
+# optimizer step fills the weights with NaN, and the next save would write them over the last good checkpoint.
+# Every stage marks the first non-finite step on the device (no host sync per step), checks the mark at each
+# log line and before every save, and stops the run (it does not skip the update: a run that produces NaN needs
+# a lower lr or other data, and a silent skip would hide that); the checkpoint on disk stays the last good one.
+
+def mark_nonfinite(first_bad, step, loss, grad_norm):
+    """first_bad: a device scalar, -1 until a step's loss or gradient norm is not finite, then that step."""
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
+    bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm.to(loss.device)))
+    return torch.where((first_bad < 0) & bad, torch.full_like(first_bad, step), first_bad)
+
+
+def stop_if_nonfinite(first_bad, model=None, ckpt_path=None, hint="lower lr, or check the data"):
+    """A host sync: SystemExit if a step was marked non-finite, or (model given: before a save) if any weight is."""
+    bad = int(first_bad)
+    what = f"non-finite loss or gradient norm at step {bad + 1}"
+    if bad < 0 and model is not None:
+        local = (p.to_local() if hasattr(p, "to_local") else p for p in model.parameters())  # FSDP2: own shard
+        if not all(torch.isfinite(p).all() for p in local):
+            bad, what = 0, "non-finite weights"
+    if bad >= 0:
+        where = f"; the last good checkpoint is {ckpt_path}" if ckpt_path and os.path.exists(ckpt_path) else ""
+        raise SystemExit(f"{what}: stopping without saving{where}. Try: {hint}.")

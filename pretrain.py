@@ -26,12 +26,12 @@ import time
 import torch
 import torch.distributed as dist
 
-from checkpoint import (checkpoint_dict, load_checkpoint, load_model, load_optimizer_state, optimizer_state_dict,
-                        save_checkpoint)
+from checkpoint import (check_writable, checkpoint_dict, load_model, load_optimizer_state, optimizer_state_dict,
+                        restore_rng_states, rng_states, save_checkpoint)
 from distributed import (check_replicas_identical, device_peak_flops, grad_sync, parallelize, setup_distributed,
                          teardown_distributed)
 from model import ModelConfig, Transformer
-from optim import SCHEDULES, configure_optimizer, lr_at
+from optim import SCHEDULES, configure_optimizer, lr_at, mark_nonfinite, stop_if_nonfinite
 
 # -----------------------------------------------------------------------------
 # config: every global below can be set from a config file or --key=value
@@ -93,6 +93,11 @@ wandb_run_name = "run"
 # what the configurator accepts (checked before any work is done)
 _choices = dict(lr_schedule=SCHEDULES, parallel=("ddp", "fsdp"), device=("auto", "cpu", "cuda"),
                 kernels=("auto", "triton", "torch"))
+# init_from="resume" keeps the checkpoint's model, tokenizer and data: these must not change on resume
+_resume_fixed = ("data", "tokenizer", "seed", "n_layer", "n_head", "n_kv_head", "n_embd", "ffn_hidden", "seq_len",
+                 "rope_theta", "qk_norm", "tie_embeddings", "n_experts", "n_experts_per_tok", "n_shared_experts",
+                 "moe_ffn_hidden", "first_k_dense", "logit_softcap")
+_resume_schedule = ("batch_size", "grad_accum", "max_steps", "lr", "min_lr", "warmup_steps", "lr_schedule")
 _ranges = dict(n_layer="[1, inf)", n_head="[1, inf)", n_kv_head="[1, inf)", n_embd="[1, inf)",
                ffn_hidden="[1, inf)", seq_len="[1, inf)", rope_theta="(0, inf)", dropout="[0, 1)",
                n_experts="[0, inf)", n_experts_per_tok="[1, inf)", n_shared_experts="[0, inf)",
@@ -110,6 +115,8 @@ if __name__ == "__main__":
     ddp, rank, world_size, device, autocast = setup_distributed(device)
     master = rank == 0
     torch.manual_seed(seed)
+    if ckpt_interval > 0 and master:
+        check_writable(out_dir)
 
     # data ----------------------------------------------------------------------------------
     from data.prepare import load_tokens, prepare, read_header
@@ -180,11 +187,18 @@ if __name__ == "__main__":
             model = Transformer(ModelConfig(**model_args))
         except (AssertionError, ValueError) as e:  # e.g. n_embd not divisible by n_head: a config mistake
             raise SystemExit(f"config error: {e}")
-    elif init_from == "resume":
-        model, ckpt = load_model(load_checkpoint(ckpt_path), kernels=kernels)
-        start_step, best_val = ckpt["step"], ckpt["best_val_loss"]
-    else:  # continued pretraining: the weights of any language-model checkpoint, a fresh optimizer and schedule
-        model, _ = load_model(init_from, kernels=kernels)
+    else:
+        try:
+            model, ckpt = load_model(ckpt_path if init_from == "resume" else init_from, kernels=kernels)
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"pretrain: init_from={init_from}: {e}")
+        if init_from == "resume":
+            from configs import check_resume
+            check_resume(ckpt, {**config, "world_size": world_size}, _resume_fixed,
+                         _resume_schedule + ("world_size",), ckpt_path)
+            start_step, best_val = ckpt["step"], ckpt["best_val_loss"]
+        else:  # continued pretraining: the weights of any language-model checkpoint, a fresh optimizer and schedule
+            ckpt = None
     model.to(device)
     model.activation_checkpointing = activation_checkpointing
     raw_model = model
@@ -194,9 +208,7 @@ if __name__ == "__main__":
     optimizer = configure_optimizer(model, lr, weight_decay, (beta1, beta2), device_type=device.type)
     if ckpt is not None:
         load_optimizer_state(model, optimizer, ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng_cpu"])
-        if device.type == "cuda" and "rng_cuda" in ckpt:
-            torch.cuda.set_rng_state(ckpt["rng_cuda"][rank % len(ckpt["rng_cuda"])])
+        restore_rng_states(ckpt["rng"], rank, device)
         del ckpt
     train_model = torch.compile(model) if compile else model  # forward through this
 
@@ -243,27 +255,13 @@ if __name__ == "__main__":
                 print(f"--- {p!r} ->\n{p}{tok.decode(ids)}")
 
     def save(step, val_loss):
+        stop_if_nonfinite(nonfinite_step, model, ckpt_path)  # never write NaN weights over the last good checkpoint
         state = checkpoint_dict(model, tokenizer, step=step, best_val_loss=best_val, val_loss=val_loss,
-                                optimizer=optimizer_state_dict(model, optimizer), config=config,
-                                rng_cpu=torch.get_rng_state())
-        if device.type == "cuda":
-            rngs = [None] * world_size
-            if ddp:
-                dist.all_gather_object(rngs, torch.cuda.get_rng_state())
-            else:
-                rngs[0] = torch.cuda.get_rng_state()
-            state["rng_cuda"] = rngs
+                                optimizer=optimizer_state_dict(model, optimizer), rng=rng_states(device, ddp),
+                                config={**config, "world_size": world_size})
         if master:
-            save_checkpoint(ckpt_path, state)
+            save_checkpoint(ckpt_path, state, protect=(init_from,) if init_from not in ("scratch", "resume") else ())
             print(f"saved {ckpt_path} at step {step}")
-
-    def check_finite(bad_step):
-        """A host sync: stop before logging or saving anything computed from a non-finite step."""
-        bad = int(bad_step)
-        if bad >= 0:
-            raise SystemExit(f"non-finite loss at step {bad + 1}: stopping without saving (the last good checkpoint, "
-                             f"if any, is {ckpt_path}). Lower lr, check the data, or resume from it with "
-                             f"init_from='resume'.")
 
     # training loop: evaluate, save and stop at the top of an iteration, so step 0, every interval and the
     # last step take the same path ---------------------------------------------------------------
@@ -275,7 +273,7 @@ if __name__ == "__main__":
     for step in range(start_step, last_step + 1):
         final = step == last_step
         if (step % eval_interval == 0 or final) and (step > start_step or step == 0):
-            check_finite(nonfinite_step)
+            stop_if_nonfinite(nonfinite_step, ckpt_path=ckpt_path)
             val_loss = evaluate()
             if master:
                 print(f"step {step}: val loss {val_loss:.4f} (ppl {math.exp(min(val_loss, 20)):.1f})")
@@ -284,7 +282,6 @@ if __name__ == "__main__":
             best_val = min(best_val, val_loss)
             t_log = time.time()  # evaluation time is not training throughput
         if ckpt_interval > 0 and step > start_step and (step % ckpt_interval == 0 or final):
-            check_finite(nonfinite_step)
             save(step, val_loss)
         if final:
             break
@@ -304,15 +301,14 @@ if __name__ == "__main__":
         optimizer.zero_grad(set_to_none=True)
         expert_load = raw_model.update_moe_bias()
         # mark the first non-finite step on the device; checked at each log, eval and save (no per-step host sync)
-        nonfinite_step = torch.where((nonfinite_step < 0) & ~torch.isfinite(step_loss),
-                                     torch.tensor(step, device=device), nonfinite_step)
+        nonfinite_step = mark_nonfinite(nonfinite_step, step, step_loss, grad_norm)
         tokens_since_log += tokens_per_step
 
         done = step + 1
         if done % log_interval == 0 or done == last_step:
             if ddp:
                 dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
-            check_finite(nonfinite_step)
+            stop_if_nonfinite(nonfinite_step, ckpt_path=ckpt_path)
             dt = time.time() - t_log
             tok_s = tokens_since_log / dt
             eta = (last_step - done) * (time.time() - t_start) / (done - start_step)

@@ -93,7 +93,7 @@ def score_conversations(reward_model, messages_list, tokenizer, batch_size=32):
 # -----------------------------------------------------------------------------
 # config: every global below can be set from a config file or --key=value
 out_dir = "out/reward"
-init_from = "out/sft/ckpt.pt"   # an SFT (or pretrained) language-model checkpoint; a fresh score head goes on top
+init_from = "out/sft/ckpt.pt"   # an SFT (or pretrained) language model (a fresh score head goes on top), or "resume"
 seed = 1337
 # data
 data = "tasks"             # "tasks" (pairs from data/tasks.py) | .json/.jsonl/.parquet file(s) | hub dataset name
@@ -139,9 +139,11 @@ compile = False
 activation_checkpointing = False
 device = "auto"            # "auto" | "cpu" | "cuda"
 kernels = "auto"
-# logging
+# logging, checkpoints
 log_interval = 10
 eval_interval = 100
+ckpt_interval = 100        # save (with optimizer state, for init_from="resume") every this many steps; 0 = at the end
+halt_at_step = -1          # stop early at this step, keeping the schedule (a planned interruption)
 wandb_log = False
 wandb_project = "reward"
 wandb_run_name = "run"
@@ -156,7 +158,14 @@ _ranges = dict(val_fraction="(0, 1)", max_records="[1, inf) or -1", max_val_reco
                center_coef="[0, inf)", lora_r="[0, inf)", lora_alpha="(0, inf)", lora_dropout="[0, 1)",
                batch_size="[1, inf)", grad_accum="[1, inf)", num_epochs="(0, inf)", max_steps="[1, inf) or -1",
                lr="(0, inf)", min_lr="[0, inf)", warmup_steps="[0, inf)", weight_decay="[0, inf)", beta1="[0, 1)",
-               beta2="[0, 1)", grad_clip="[0, inf)", log_interval="[1, inf)", eval_interval="[1, inf)")
+               beta2="[0, 1)", grad_clip="[0, inf)", log_interval="[1, inf)", eval_interval="[1, inf)",
+               ckpt_interval="[0, inf)", halt_at_step="[1, inf) or -1")
+# init_from="resume" continues with the checkpoint's model and data: these must not change on resume
+_resume_fixed = ("data", "train_split", "val_data", "val_split", "val_fraction", "max_records", "max_val_records",
+                 "max_len", "task_pairs", "task_val_pairs", "sampled_pairs", "num_samples", "sample_temperature",
+                 "seed", "lora_r", "lora_alpha", "lora_dropout", "lora_targets")
+_resume_schedule = ("batch_size", "grad_accum", "num_epochs", "max_steps", "lr", "min_lr", "warmup_steps",
+                    "lr_schedule", "margin", "score_margin", "center_coef", "world_size")
 
 if __name__ == "__main__":
     from configs import configure
@@ -164,7 +173,8 @@ if __name__ == "__main__":
 
     import torch.distributed as dist
 
-    from checkpoint import checkpoint_dict, load_model, model_state_dict, save_checkpoint
+    from checkpoint import (check_vocab, check_writable, load_model, load_optimizer_state, optimizer_state_dict,
+                            restore_rng_states, rng_states, save_checkpoint, training_checkpoint)
     from data import tasks
     from data.chat import BadRecord
     from data.records import DataError
@@ -172,9 +182,9 @@ if __name__ == "__main__":
                                  task_pairs as make_task_pairs)
     from data.tokenizer import get_tokenizer
     from distributed import check_replicas_identical, grad_sync, parallelize, setup_distributed, teardown_distributed
-    from lora import apply_lora, merged_model
+    from lora import apply_lora
     from model import RewardModel, Transformer
-    from optim import configure_optimizer, lr_at
+    from optim import configure_optimizer, lr_at, mark_nonfinite, stop_if_nonfinite
 
     ddp, rank, world_size, device, autocast = setup_distributed(device)
     master = rank == 0
@@ -182,29 +192,42 @@ if __name__ == "__main__":
     log = print if master else (lambda *a, **k: None)
 
     # model ----------------------------------------------------------------------------------
-    if not os.path.exists(init_from):
-        raise SystemExit(f"init_from={init_from} not found: run `python pretrain.py` then `python sft.py` first, "
+    resume = init_from == "resume"
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    source = ckpt_path if resume else init_from
+    if not os.path.exists(source):
+        raise SystemExit(f"init_from={source} not found: run `python pretrain.py` then `python sft.py` first, "
                          f"or point --init_from at a language-model checkpoint")
-    try:
-        lm, ckpt = load_model(init_from, kernels=kernels)
-    except ValueError as e:  # e.g. a reward model where a language model is needed
+    try:  # resuming: the reward model itself (LoRA adapters unmerged); else the language model it starts from
+        lm, ckpt = load_model(source, kind="reward" if resume else "lm", kernels=kernels)
+        tok_name = ckpt["tokenizer"]
+        tok = get_tokenizer(tok_name)
+        check_vocab(lm, tok, source)
+    except ValueError as e:  # e.g. a reward model where a language model is needed, a corrupt file
         raise SystemExit(f"reward: init_from: {e}")
-    tok_name = ckpt["tokenizer"]
-    tok = get_tokenizer(tok_name)
+    if resume:
+        from configs import check_resume
+        check_resume(ckpt, {**config, "world_size": world_size}, _resume_fixed, _resume_schedule, ckpt_path)
+        base_init, start_step, m0, sampled = ckpt["init_from"], ckpt["step"], ckpt["m0"], ckpt["sampled_records"]
+        m = ckpt["val_metrics"]  # the last evaluation before it
+    else:
+        base_init, start_step, m0, sampled = os.path.abspath(init_from), 0, None, None
+    if master:
+        check_writable(out_dir, protect=(base_init,))
     seq_cap = lm.config.max_seq_len if max_len < 0 else min(max_len, lm.config.max_seq_len)
 
     # data -----------------------------------------------------------------------------------
     if data == "tasks":
         train_records = make_task_pairs(task_pairs, "train", seed)
         val_records = make_task_pairs(task_val_pairs, "test", seed)
-        if sampled_pairs:
+        if sampled_pairs and sampled is None:  # (a resumed run reuses the pairs it sampled, saved with it)
             lm.to(device).eval()
             with autocast:
-                extra = sampled_task_pairs(lm, tok, tasks.generate(sampled_pairs, "train", seed + 1), num_samples,
-                                           sample_temperature, seed=seed)
+                sampled = sampled_task_pairs(lm, tok, tasks.generate(sampled_pairs, "train", seed + 1), num_samples,
+                                             sample_temperature, seed=seed)
             lm.cpu().train()
-            log(f"sampled {len(extra)} on-policy pairs from {sampled_pairs} questions")
-            train_records += extra
+            log(f"sampled {len(sampled)} on-policy pairs from {sampled_pairs} questions")
+        train_records += sampled or []
     else:
         try:
             train_records = load_preferences(data, train_split, skip_bad, None if max_records < 0 else max_records,
@@ -224,9 +247,11 @@ if __name__ == "__main__":
     prompts_per_step = batch_size * grad_accum * world_size
     steps = max_steps if max_steps > 0 else max(1, math.ceil(num_epochs * len(train_set) / prompts_per_step))
 
-    model = RewardModel(lm)
-    if lora_r > 0:
-        apply_lora(model.transformer, lora_targets, lora_r, lora_alpha, lora_dropout)
+    lora = dict(targets=lora_targets, r=lora_r, alpha=lora_alpha, dropout=lora_dropout) if lora_r > 0 else None
+    model = lm if resume else RewardModel(lm)
+    if lora and not resume:
+        apply_lora(model.transformer, **lora)
+    if lora:
         model.score_head.requires_grad_(True)  # the head is new: always trained
     model.transformer.activation_checkpointing = activation_checkpointing
     model.to(device)
@@ -234,6 +259,10 @@ if __name__ == "__main__":
     n_train = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
     model = parallelize(model, parallel if ddp else "none", device)
     optimizer = configure_optimizer(model, lr, weight_decay, (beta1, beta2), device_type=device.type)
+    if resume:
+        load_optimizer_state(model, optimizer, ckpt["optimizer"])
+        restore_rng_states(ckpt["rng"], rank, device)
+    del ckpt
     if compile:
         model = torch.compile(model)
     log(f"reward model from {init_from}: {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M params, "
@@ -298,15 +327,32 @@ if __name__ == "__main__":
         return (f"accuracy {m['accuracy']:.4f} | margin {m['margin']:.3f} | reward mean {m['reward_mean']:.3f} "
                 f"std {m['reward_std']:.3f}")
 
-    # training: evaluate at the top of an iteration, so step 0, every eval_interval and the last step take
+    def save(step, m):
+        """A checkpoint to resume from; at the end the result: a plain RewardModel (LoRA merged) that
+        load_model(path, kind="reward") loads. Every rank calls this (collectives under DDP/FSDP)."""
+        stop_if_nonfinite(first_bad, model, ckpt_path)  # never write NaN weights over the last good checkpoint
+        finished = step == steps
+        extra = dict(step=step, config=config, init_from=base_init, val_metrics=m, m0=m0, sampled_records=sampled,
+                     rng=rng_states(device, ddp))
+        if not finished:
+            extra["optimizer"] = optimizer_state_dict(model, optimizer)
+        state = training_checkpoint(model, tok_name, lora, finished, lambda: RewardModel(Transformer(raw_model.config)),
+                                    **extra)
+        if master:
+            save_checkpoint(ckpt_path, state, protect=(base_init,))
+            log(f"saved {ckpt_path} at step {step}")
+
+    # training: evaluate and save at the top of an iteration, so step 0, every interval and the last step take
     # the same path -----------------------------------------------------------------------------
     model.train()
+    last_step = steps if halt_at_step < 0 else min(halt_at_step, steps)
+    first_bad = torch.tensor(-1, device=device)  # the first non-finite step (optim.mark_nonfinite)
     t_start = t_log = time.time()
-    tokens = 0
-    acc_sum = marg_sum = n_pairs = 0.0
-    for step in range(steps + 1):
-        final = step == steps
-        if step % eval_interval == 0 or final:
+    window = torch.zeros(5, device=device, dtype=torch.float64)  # loss, tokens, correct pairs, margin sum, pairs
+    for step in range(start_step, last_step + 1):
+        final = step == last_step
+        if (step % eval_interval == 0 or final) and not (resume and step == start_step):
+            stop_if_nonfinite(first_bad, ckpt_path=ckpt_path)
             m = evaluate()
             log(f"step {step}: val {fmt(m)}")
             if step == 0:
@@ -314,13 +360,15 @@ if __name__ == "__main__":
             elif wandb_log and master:
                 wandb.log({f"val/{k}": v for k, v in m.items()}, step=step)
             t_log = time.time()  # evaluation time is not training throughput
+        if step > start_step and ((ckpt_interval and step % ckpt_interval == 0) or final):
+            save(step, m)
         if final:
             break
 
         cur_lr = lr_at(step, steps, lr, warmup_steps, min_lr, lr_schedule)
         for group in optimizer.param_groups:
             group["lr"] = cur_lr
-        step_loss = 0.0
+        step_loss = torch.zeros((), device=device, dtype=torch.float64)
         for micro in range(grad_accum):
             idx, end_idx, sizes, margins = batch_tensors(train_records_at(step, micro))
             with grad_sync(model, micro == grad_accum - 1), autocast:
@@ -330,46 +378,38 @@ if __name__ == "__main__":
                 if aux is not None and raw_model.config.moe_aux_loss_coef > 0:
                     loss = loss + raw_model.config.moe_aux_loss_coef * aux
             (loss / grad_accum).backward()
-            step_loss += loss.item() / grad_accum
-            tokens += (idx != tok.pad_id).sum().item()
-            acc_sum += ((diff > 0).float() + 0.5 * (diff == 0).float()).sum().item()
-            marg_sum += diff.sum().item()
-            n_pairs += diff.numel()
-        if not math.isfinite(step_loss):
-            raise SystemExit(f"non-finite loss at step {step + 1}: stopping without saving. "
-                             f"Lower lr, or check the data")
+            step_loss += loss.detach().double() / grad_accum
+            window[1:] += torch.stack([(idx != tok.pad_id).sum().double(),
+                                       ((diff > 0).double() + 0.5 * (diff == 0).double()).sum(),
+                                       diff.detach().double().sum(),
+                                       torch.tensor(float(diff.numel()), device=device, dtype=torch.float64)])
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+        first_bad = mark_nonfinite(first_bad, step, step_loss, grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         raw_model.update_moe_bias()
         done = step + 1
-        if done % log_interval == 0 or done == steps:
-            if ddp:  # the logged step loss and the window's pair stats over all ranks
-                t = torch.tensor([step_loss / world_size, acc_sum, marg_sum, n_pairs], device=device,
-                                 dtype=torch.float64)
-                dist.all_reduce(t)
-                step_loss, acc_sum, marg_sum, n_pairs = t.tolist()
+        if done % log_interval == 0 or done == last_step:
+            window[0] = step_loss / world_size  # the logged loss: this step's, averaged over ranks
+            if ddp:  # and the window's pair stats over all ranks
+                dist.all_reduce(window)
+            stop_if_nonfinite(first_bad, ckpt_path=ckpt_path)
+            loss_v, tokens, correct, margin_sum, n_pairs = window.tolist()
             dt = time.time() - t_log
-            eta = (steps - done) * (time.time() - t_start) / done
-            log(f"step {done}/{steps} | loss {step_loss:.4f} | lr {cur_lr:.2e} | grad_norm {grad_norm.item():.2f} | "
-                f"tok/s {tokens * world_size / dt:,.0f} | acc {acc_sum / n_pairs:.3f} | "
-                f"margin {marg_sum / n_pairs:.3f} | eta {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
+            eta = (last_step - done) * (time.time() - t_start) / (done - start_step)
+            log(f"step {done}/{steps} | loss {loss_v:.4f} | lr {cur_lr:.2e} | grad_norm {grad_norm.item():.2f} | "
+                f"tok/s {tokens / dt:,.0f} | acc {correct / n_pairs:.3f} | margin {margin_sum / n_pairs:.3f} | "
+                f"eta {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
             if wandb_log and master:
-                wandb.log({"loss": step_loss, "lr": cur_lr, "grad_norm": grad_norm.item(),
-                           "train/accuracy": acc_sum / n_pairs, "train/margin": marg_sum / n_pairs}, step=done)
-            t_log, tokens, acc_sum, marg_sum, n_pairs = time.time(), 0, 0.0, 0.0, 0.0
+                wandb.log({"loss": loss_v, "lr": cur_lr, "grad_norm": grad_norm.item(),
+                           "train/accuracy": correct / n_pairs, "train/margin": margin_sum / n_pairs}, step=done)
+            t_log = time.time()
+            window.zero_()
 
     if ddp and parallel == "ddp":
         log(f"parameters identical on all {check_replicas_identical(model)} ranks")
-
-    # save: a plain RewardModel (LoRA merged), loadable by load_model(path, kind="reward") ---------
-    state = model_state_dict(model)  # every rank joins the gather under FSDP
-    if master:
-        lora = dict(targets=lora_targets, r=lora_r, alpha=lora_alpha, dropout=lora_dropout) if lora_r > 0 else None
-        final = merged_model(state, RewardModel(Transformer(raw_model.config)), lora)
-        path = os.path.join(out_dir, "ckpt.pt")
-        save_checkpoint(path, checkpoint_dict(final, tok_name, step=steps, config=config, val_metrics=m,
-                                              init_from=init_from))
-        print(f"saved {path} | held-out pairwise accuracy {m0['accuracy']:.4f} -> {m['accuracy']:.4f} "
-              f"({time.time() - t_start:.0f}s)")
+    if last_step < steps:
+        log(f"halted at step {last_step} (halt_at_step); continue with --init_from=resume --out_dir={out_dir}")
+    else:
+        log(f"held-out pairwise accuracy {m0['accuracy']:.4f} -> {m['accuracy']:.4f} ({time.time() - t_start:.0f}s)")
     teardown_distributed(ddp)

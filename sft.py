@@ -16,12 +16,14 @@ $ python sft.py --lora_r=16 --lora_alpha=32 --lr=3e-3             # LoRA: writes
 $ python sft.py --lora_r=16 --merge_lora_on_save=True             # ... or a full checkpoint with adapters merged
 $ torchrun --nproc_per_node=8 sft.py configs/sft_gpu.py           # DDP; --parallel=fsdp for FSDP2
 
-Writes {out_dir}/ckpt.pt: a full checkpoint (model_from_checkpoint loads it; reward.py, dpo.py and
-grpo.py start from out/sft/ckpt.pt), or with LoRA an adapter checkpoint: the adapter weights, the
-LoRA settings and the path of the base checkpoint (model_from_checkpoint loads that too).
+Writes {out_dir}/ckpt.pt every ckpt_interval steps and at the end: a full checkpoint (checkpoint.load_model
+loads it; reward.py, dpo.py and grpo.py start from out/sft/ckpt.pt), or with LoRA an adapter checkpoint: the
+adapter weights, the LoRA settings and the absolute path and fingerprint of the base checkpoint (load_model
+loads that too, and refuses a base that changed). Each holds the optimizer state, the step and every rank's
+RNG state: `--init_from=resume` continues from it exactly (the data order is a function of the step), and
+`--halt_at_step=N` stops early at N as if interrupted, keeping the schedule of max_steps.
 """
 
-import math
 import os
 import random
 import time
@@ -30,17 +32,29 @@ from dataclasses import asdict
 import torch
 import torch.distributed as dist
 
-from checkpoint import checkpoint_dict, load_model, model_state_dict, save_checkpoint
+from checkpoint import (check_vocab, check_writable, checkpoint_dict, fingerprint, git_state, load_model,
+                        load_optimizer_state, model_state_dict, optimizer_state_dict, restore_rng_states, rng_states,
+                        save_checkpoint)
 from distributed import (check_replicas_identical, fsdp_gathered, grad_sync, parallelize, setup_distributed,
                          teardown_distributed, unwrap)
 from lora import apply_lora, lora_modules, merge_lora, merged_model
 from model import Transformer
-from optim import SCHEDULES, configure_optimizer, lr_at
+from optim import SCHEDULES, configure_optimizer, lr_at, mark_nonfinite, stop_if_nonfinite
+
+
+def neftune_scale(doc_ids, alpha, dim):
+    """NEFTune's noise scale alpha / sqrt(L * d) per token, (B, T, 1), where L is the length of the token's own
+    conversation (the paper's L): doc_ids (B, T) say which conversation of a row each token belongs to (packing:
+    several per row; padding: 0 for the conversation, 1 for the pads). Scaling by the row length instead would
+    give packed conversations several times too little noise."""
+    counts = torch.zeros(doc_ids.shape, device=doc_ids.device).scatter_add_(1, doc_ids, torch.ones_like(doc_ids,
+                                                                                                        dtype=torch.float))
+    return (alpha / torch.sqrt(counts.gather(1, doc_ids) * dim))[..., None]
 
 # -----------------------------------------------------------------------------
 # config
 # I/O
-init_from = "out/pretrain/ckpt.pt"  # any full or adapter checkpoint
+init_from = "out/pretrain/ckpt.pt"  # any full or adapter checkpoint, or "resume" (from out_dir/ckpt.pt)
 out_dir = "out/sft"
 # data
 data = "tasks"             # "tasks" (data/tasks.py) | local .json/.jsonl/.parquet files (comma-separated, dir,
@@ -56,6 +70,7 @@ max_seq_len = 256          # 0 = the model's max_seq_len; longer conversations a
 batch_size = 8
 grad_accum = 1
 max_steps = 1200
+halt_at_step = -1          # stop early at this step, keeping the schedule of max_steps (a planned interruption)
 # optimizer
 lr = 2e-3                  # high for a tiny model; ~1e-5 to 2e-5 full fine-tuning at scale, ~10x that for LoRA
 min_lr = 2e-4
@@ -73,7 +88,8 @@ lora_dropout = 0.05
 lora_targets = "all"       # comma-separated from q,k,v,o,gate,up,down, or "all"
 lora_rslora = False        # scale alpha/sqrt(r) instead of alpha/r
 merge_lora_on_save = False # save a full checkpoint with the adapters merged instead of an adapter checkpoint
-# NEFTune: uniform noise of scale neftune_alpha / sqrt(T * d) on the input embeddings, training only (5-15 typical)
+# NEFTune: uniform noise of scale neftune_alpha / sqrt(L * d) on the input embeddings (L: the conversation's
+# length), training only (5-15 typical)
 neftune_alpha = 0.0
 # eval
 eval_interval = 300        # 0 = only before and after training
@@ -81,6 +97,7 @@ eval_accuracy_size = 250   # tasks: held-out questions scored by exact match (gr
 eval_samples = 3           # sampled replies printed at each eval
 eval_max_new_tokens = 32
 log_interval = 10
+ckpt_interval = 300        # save (with optimizer state, for init_from="resume") every this many steps; 0 = at the end
 # system
 seed = 1337
 parallel = "ddp"           # under torchrun: ddp | fsdp
@@ -93,12 +110,18 @@ wandb_run_name = "sft"
 # what the configurator accepts (checked before any work is done)
 _choices = dict(lr_schedule=SCHEDULES, parallel=("ddp", "fsdp"), device=("auto", "cpu", "cuda"),
                 kernels=("auto", "triton", "torch"))
-_ranges = dict(n_train="[1, inf)", val_size="[1, inf)", max_seq_len="[1, inf) or 0", batch_size="[1, inf)",
+_ranges = dict(n_train="[1, inf)", val_size="[0, inf)", max_seq_len="[1, inf) or 0", batch_size="[1, inf)",
                grad_accum="[1, inf)", max_steps="[1, inf)", lr="(0, inf)", min_lr="[0, inf)", warmup_steps="[0, inf)",
                weight_decay="[0, inf)", beta1="[0, 1)", beta2="[0, 1)", adam_eps="(0, inf)", grad_clip="[0, inf)",
                lora_r="[0, inf)", lora_alpha="(0, inf)", lora_dropout="[0, 1)", neftune_alpha="[0, inf)",
                eval_interval="[0, inf)", eval_accuracy_size="[0, inf)", eval_samples="[0, inf)",
-               eval_max_new_tokens="[1, inf)", log_interval="[1, inf)")
+               eval_max_new_tokens="[1, inf)", log_interval="[1, inf)", ckpt_interval="[0, inf)",
+               halt_at_step="[1, inf) or -1")
+# init_from="resume" continues with the checkpoint's model and data: these must not change on resume
+_resume_fixed = ("data", "data_split", "n_train", "val_data", "val_size", "packing", "max_seq_len", "seed", "lora_r",
+                 "lora_alpha", "lora_targets", "lora_rslora", "lora_dropout", "neftune_alpha")
+_resume_schedule = ("batch_size", "grad_accum", "max_steps", "lr", "min_lr", "warmup_steps", "lr_schedule",
+                    "weight_decay", "world_size")
 
 if __name__ == "__main__":
     from configs import configure
@@ -115,37 +138,54 @@ if __name__ == "__main__":
 
     # -----------------------------------------------------------------------------
     # model and tokenizer
-    if not os.path.exists(init_from):
+    resume = init_from == "resume"
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    source = ckpt_path if resume else init_from
+    if not os.path.exists(source):
         hint = "python pretrain.py" if init_from == "out/pretrain/ckpt.pt" else "the stage that writes it"
-        raise SystemExit(f"sft: init checkpoint {init_from} not found. Run `{hint}` first, or pass --init_from=PATH.")
-    model, ckpt = load_model(init_from, "cpu", kernels=kernels)
-    tok = get_tokenizer(ckpt["tokenizer"])
-    if lora_modules(model):
-        merge_lora(model)  # starting from an adapter checkpoint: fine-tune the merged model
+        raise SystemExit(f"sft: init checkpoint {source} not found. Run `{hint}` first, or pass --init_from=PATH.")
+    try:
+        model, ckpt = load_model(source, "cpu", kernels=kernels)
+        tok = get_tokenizer(ckpt["tokenizer"])
+        check_vocab(model, tok, source)
+    except ValueError as e:  # a reward model, a corrupt file, adapters whose base changed, ...
+        raise SystemExit(f"sft: {e}")
+    lora = None
+    if resume:  # the checkpoint's own weights (a LoRA run's come back with their adapters, unmerged)
+        from configs import check_resume
+        check_resume(ckpt, {**config, "world_size": world_size}, _resume_fixed, _resume_schedule, ckpt_path)
+        base_init, start_step, ev0 = ckpt["init_from"], ckpt["step"], ckpt["ev0"]
+        ev = {k: ckpt[k] for k in ("val_loss", "accuracy") if ckpt.get(k) is not None}  # the last eval before it
+        lora = ckpt.get("lora")
+    else:
+        base_init, start_step, ev0 = os.path.abspath(init_from), 0, None
+        if lora_modules(model):
+            merge_lora(model)  # starting from an adapter checkpoint: fine-tune the merged model
+        if lora_r > 0:
+            lora = dict(targets=lora_targets, r=lora_r, alpha=lora_alpha, dropout=lora_dropout, rslora=lora_rslora)
+            torch.manual_seed(seed)  # the same adapter init on every rank (FSDP does not broadcast parameters)
+            apply_lora(model, **lora)
+    if master:
+        check_writable(out_dir, protect=(base_init,))
+    base_fingerprint = fingerprint(base_init) if lora else None  # adapters refuse to load on a changed base
     cfg = model.config
     max_seq_len = min(max_seq_len or cfg.max_seq_len, cfg.max_seq_len)
-
-    lora = None
-    if lora_r > 0:
-        lora = dict(targets=lora_targets, r=lora_r, alpha=lora_alpha, dropout=lora_dropout, rslora=lora_rslora)
-        torch.manual_seed(seed)  # the same adapter init on every rank (FSDP does not broadcast parameters)
-        apply_lora(model, **lora)
     torch.manual_seed(seed + rank)
 
     if neftune_alpha > 0:
         def neftune(module, inputs, emb):
-            # NEFTune (Jain et al. 2023): noise only while training, so eval and generation see clean embeddings
+            # NEFTune (Jain et al. 2023): noise only while training, so eval and generation see clean embeddings.
+            # The training loop sets module.noise_scale (B, T, 1) for each micro-batch (see neftune_scale).
             if not module.training:
                 return emb
-            scale = neftune_alpha / math.sqrt(emb.shape[-2] * emb.shape[-1])
-            return emb + torch.empty_like(emb).uniform_(-scale, scale)
+            return emb + torch.empty_like(emb).uniform_(-1, 1) * module.noise_scale.to(emb.dtype)
         model.tok_emb.register_forward_hook(neftune)
 
     model.to(device)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log(f"init from {init_from}: {model.num_params() / 1e6:.2f}M params, {n_trainable / 1e6:.3f}M trainable"
+    log(f"init from {source}: {model.num_params() / 1e6:.2f}M params, {n_trainable / 1e6:.3f}M trainable"
         f"{f' (LoRA r={lora_r} on {lora_targets})' if lora else ''}, tokenizer {tok.name}, device {device}, "
-        f"world {world_size}")
+        f"world {world_size}{f', resuming at step {start_step}' if resume else ''}")
 
     # -----------------------------------------------------------------------------
     # data
@@ -176,13 +216,18 @@ if __name__ == "__main__":
         f"{len(val)} val; {n_trunc} truncated to {max_seq_len}, {n_drop} dropped with nothing left to train")
     if not train:
         raise SystemExit("sft: no training conversations left")
-    batches = micro_batches(train, batch_size, max_seq_len, tok.pad_id, packing=packing, seed=seed)
+    batches = micro_batches(train, batch_size, max_seq_len, tok.pad_id, packing=packing, seed=seed,
+                            start=start_step * grad_accum * world_size)
 
     # -----------------------------------------------------------------------------
     # training setup
     model = parallelize(model, parallel if ddp else "none", device)
     # after parallelize: FSDP2 replaces the parameters with sharded ones, which the optimizer must hold
     optimizer = configure_optimizer(model, lr, weight_decay, (beta1, beta2), adam_eps, device.type)
+    if resume:
+        load_optimizer_state(model, optimizer, ckpt["optimizer"])
+        restore_rng_states(ckpt["rng"], rank, device)
+    del ckpt
     if compile:
         model = torch.compile(model)
     raw_model = unwrap(model)
@@ -237,45 +282,56 @@ if __name__ == "__main__":
                        **{f"val/accuracy_{t}": a for t, a in ev.get("accuracy_per_task", {}).items()}})
 
     def save(step, ev):
-        extra = dict(step=step, config=config, init_from=init_from, val_loss=ev["val_loss"],
-                     accuracy=ev.get("accuracy"))
-        path = os.path.join(out_dir, "ckpt.pt")
+        """A checkpoint to resume from (optimizer, RNG, step); at the end the result (with merge_lora_on_save, the
+        plain merged model). Every rank calls this (collectives under DDP/FSDP)."""
+        stop_if_nonfinite(first_bad, model, ckpt_path)  # never write NaN weights over the last good checkpoint
+        finished = step == max_steps  # a finished run's checkpoint is its output: no optimizer state to resume from
+        merge = lora is not None and merge_lora_on_save and finished
+        extra = dict(step=step, config=config, init_from=base_init, ev0=ev0, val_loss=ev["val_loss"],
+                     accuracy=ev.get("accuracy"), rng=rng_states(device, ddp))
+        if not finished:
+            extra["optimizer"] = optimizer_state_dict(model, optimizer)
         if lora is None:
-            state = checkpoint_dict(model, tok.name, **extra)  # a collective under FSDP: every rank calls it
+            state = checkpoint_dict(model, tok.name, **extra)
         else:
-            full = model_state_dict(model)  # a collective under FSDP, where only rank 0 receives the weights
+            full = model_state_dict(model)  # under FSDP only rank 0 receives the weights
             if not master:
                 state = None
-            elif merge_lora_on_save:
-                # rebuild on CPU (whatever the parallelism was), fold the adapters in, save a plain model
+            elif merge:  # rebuild on the CPU (whatever the parallelism was), fold the adapters in
                 state = checkpoint_dict(merged_model(full, Transformer(cfg), lora), tok.name, **extra, merged_lora=lora)
             else:
-                state = dict(model_config=asdict(cfg), tokenizer=tok.name, base_checkpoint=init_from, lora=lora,
+                state = dict(model_config=asdict(cfg), tokenizer=tok.name, git=git_state(), base_checkpoint=base_init,
+                             base_fingerprint=base_fingerprint, lora=lora,
                              lora_state={k: v for k, v in full.items() if "lora_" in k}, **extra)
         if master:
-            save_checkpoint(path, state)
-            kind = "full" if lora is None or merge_lora_on_save else "adapter-only"
-            log(f"saved {kind} checkpoint {path}")
-
+            save_checkpoint(ckpt_path, state, protect=(base_init,))
+            kind = "full" if lora is None or merge else "adapter-only"
+            log(f"saved {kind} checkpoint {ckpt_path} at step {step}")
 
     if wandb_log and master:
         import wandb
         wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 
     # -----------------------------------------------------------------------------
-    # training loop: evaluate (and at the end save) at the top of an iteration, so step 0, every
-    # eval_interval and the last step take the same path
+    # training loop: evaluate and save at the top of an iteration, so step 0, every interval and the last step
+    # take the same path
     model.train()
+    last_step = max_steps if halt_at_step < 0 else min(halt_at_step, max_steps)
+    first_bad = torch.tensor(-1, device=device)  # the first non-finite step (optim.mark_nonfinite)
     t0 = t_log = time.time()
     tokens_since_log = 0
-    for step in range(max_steps + 1):
-        final = step == max_steps
-        if step == 0 or (eval_interval and step % eval_interval == 0) or final:
+    for step in range(start_step, last_step + 1):
+        final = step == last_step
+        at_eval = step == 0 or (eval_interval and step % eval_interval == 0) or final
+        if at_eval and not (resume and step == start_step):  # the checkpoint was saved right after that eval
+            stop_if_nonfinite(first_bad, ckpt_path=ckpt_path)
             ev = evaluate()
             report(step, ev)
             if step == 0:
-                ev0 = ev
+                ev0 = {k: v for k, v in ev.items() if k != "samples"}
             t_log = time.time()  # eval time is not training throughput
+        if step > start_step and ((ckpt_interval and step % ckpt_interval == 0) or final):
+            save(step, ev)
         if final:
             break
 
@@ -297,19 +353,19 @@ if __name__ == "__main__":
         n_tok = n_tok.item()
         step_loss = torch.zeros((), device=device, dtype=torch.float64)
         for i, mb in enumerate(micro):
+            if neftune_alpha > 0:
+                doc_ids = mb.get("doc_ids")
+                if doc_ids is None:  # padded rows: the conversation, then its pads
+                    doc_ids = (torch.arange(mb["idx"].shape[1], device=device)[None] >= mb["lengths"][:, None]).long()
+                raw_model.tok_emb.noise_scale = neftune_scale(doc_ids, neftune_alpha, cfg.n_embd)
             with grad_sync(model, i == len(micro) - 1), autocast:
                 _, loss_sum = model(mb["idx"], mb["targets"], positions=mb.get("positions"),
                                     doc_ids=mb.get("doc_ids"), reduction="sum")
             (loss_sum * (world_size / n_tok)).backward()
             step_loss += loss_sum.detach().double()
-        if ddp:
-            dist.all_reduce(step_loss)
-        loss = step_loss.item() / n_tok
-        if not math.isfinite(loss):
-            raise SystemExit(f"sft: non-finite loss ({loss}) at step {step + 1}; no checkpoint was saved. "
-                             f"Try a lower --lr (now {lr}) or --grad_clip=1.0.")
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
                                                    grad_clip if grad_clip > 0 else float("inf"))
+        first_bad = mark_nonfinite(first_bad, step, step_loss, grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if cfg.n_experts:
@@ -317,9 +373,13 @@ if __name__ == "__main__":
         tokens_since_log += sum(mb["idx"].numel() for mb in micro) * world_size
 
         done = step + 1
-        if done % log_interval == 0 or done == max_steps:
+        if done % log_interval == 0 or done == last_step:
+            if ddp:
+                dist.all_reduce(step_loss)
+            stop_if_nonfinite(first_bad, ckpt_path=ckpt_path)
+            loss = step_loss.item() / n_tok
             now = time.time()
-            eta = (now - t0) / done * (max_steps - done)
+            eta = (now - t0) / (done - start_step) * (last_step - done)
             log(f"step {done}/{max_steps} | loss {loss:.4f} | lr {optimizer.param_groups[0]['lr']:.2e} | "
                 f"grad_norm {float(grad_norm):.2f} | tok/s {tokens_since_log / (now - t_log):,.0f} | "
                 f"targets/step {int(n_tok):,} | eta {int(eta // 60)}m{int(eta % 60):02d}s")
@@ -330,8 +390,9 @@ if __name__ == "__main__":
 
     if ddp and parallel == "ddp":
         log(f"parameters identical on all {check_replicas_identical(model)} ranks")
-    save(max_steps, ev)
-    if "accuracy" in ev:
+    if last_step < max_steps:
+        log(f"halted at step {last_step} (halt_at_step); continue with --init_from=resume --out_dir={out_dir}")
+    elif "accuracy_per_task" in ev:
         log(f"held-out exact match: {ev0['accuracy']:.1%} before SFT -> {ev['accuracy']:.1%} after")
         for t in ev["accuracy_per_task"]:
             log(f"  {t:8s} {ev0['accuracy_per_task'][t]:6.1%} -> {ev['accuracy_per_task'][t]:6.1%}")

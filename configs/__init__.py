@@ -123,3 +123,25 @@ def configure(g, argv=None):
             _check_and_set(g, known, key, value, f"from --{key}")
     check_values(g, g.get("_choices", {}), g.get("_ranges", {}))
     return {k: g[k] for k in known}
+
+
+def check_resume(ckpt, config, refuse, warn, where):
+    """init_from="resume" from the checkpoint dict ckpt: it must be a run that stopped before its end (it holds
+    optimizer state), and the settings in refuse (the model's shape, tokenizer, data) must equal those it was
+    trained with — a resumed run keeps the checkpoint's, so a different value would be silently ignored;
+    SystemExit names each. Those in warn (schedule, batch size, lr, world size) may change, but then the resumed
+    run no longer reproduces the uninterrupted one: a warning says which."""
+    if "optimizer" not in ckpt:
+        raise SystemExit(f"{where} is the result of a finished run (step {ckpt.get('step')}): nothing to resume. "
+                         f"Start a new run (another out_dir), or init_from it.")
+    saved = ckpt["config"]
+    changed = {k: (saved.get(k), config.get(k)) for k in refuse if saved.get(k) != config.get(k)}
+    if changed:
+        what = ", ".join(f"{k}={new!r} (checkpoint: {old!r})" for k, (old, new) in changed.items())
+        raise SystemExit(f"config error: resuming {where} with {what}: these cannot change on resume. Drop the "
+                         f"override(s), or start a new run with another out_dir.")
+    drift = {k: (saved.get(k), config.get(k)) for k in warn if saved.get(k) != config.get(k)}
+    if drift:
+        what = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in drift.items())
+        print(f"warning: resuming {where} with {what}: the run continues, but no longer exactly as the "
+              f"uninterrupted run would have")

@@ -72,13 +72,14 @@ def packed_rows(lengths, max_seq_len, rng):
 
 
 def collate_padded(examples, pad_id):
+    """Right-padded rows; lengths (B,) is each conversation's own length (NEFTune scales its noise by it)."""
     T = max(len(x) for x, _ in examples)
     idx = torch.full((len(examples), T), pad_id, dtype=torch.long)
     targets = torch.full((len(examples), T), -100, dtype=torch.long)
     for b, (x, y) in enumerate(examples):
         idx[b, :len(x)] = torch.tensor(x)
         targets[b, :len(y)] = torch.tensor(y)
-    return dict(idx=idx, targets=targets)
+    return dict(idx=idx, targets=targets, lengths=torch.tensor([len(x) for x, _ in examples]))
 
 
 def collate_packed(rows, max_seq_len, pad_id):
@@ -102,16 +103,24 @@ def collate_packed(rows, max_seq_len, pad_id):
     return dict(idx=idx, targets=targets, positions=positions, doc_ids=doc_ids)
 
 
-def micro_batches(examples, batch_size, max_seq_len, pad_id, packing=True, seed=0):
+def micro_batches(examples, batch_size, max_seq_len, pad_id, packing=True, seed=0, start=0):
     """Endless micro-batches over shuffled epochs: batch_size packed rows, or batch_size padded
-    conversations. Deterministic in seed, so every rank draws the same sequence."""
+    conversations. Deterministic in seed, so every rank draws the same sequence. start: skip that many
+    micro-batches first (a resumed run continues the sequence exactly; skipped ones are not collated)."""
     rng = random.Random(seed)
     lengths = [len(x) for x, _ in examples]
+    n = 0
     while True:
         if packing:
             rows = packed_rows(lengths, max_seq_len, rng)
-            for r in range(0, len(rows), batch_size):
-                yield collate_packed([[examples[i] for i in row] for row in rows[r:r + batch_size]], max_seq_len, pad_id)
+            groups = [rows[r:r + batch_size] for r in range(0, len(rows), batch_size)]
         else:
-            for batch in padded_batches(lengths, batch_size, rng):
-                yield collate_padded([examples[i] for i in batch], pad_id)
+            groups = padded_batches(lengths, batch_size, rng)
+        for group in groups:
+            n += 1
+            if n <= start:
+                continue
+            if packing:
+                yield collate_packed([[examples[i] for i in row] for row in group], max_seq_len, pad_id)
+            else:
+                yield collate_padded([examples[i] for i in group], pad_id)

@@ -3,9 +3,11 @@ Byte-level BPE tokenizer: a small trainer in pure Python, and a thin wrapper aro
 tiktoken for fast encoding/decoding.
 
 - train_bpe() learns tiktoken-style mergeable ranks (token bytes -> rank) from text.
-- Tokenizer wraps a tiktoken.Encoding and adds our chat special tokens.
+- Tokenizer wraps a tiktoken.Encoding and adds our chat special tokens, or holds an HF
+  model's tokenizer with the ids its chat template needs (data/hf_tokenizer.py).
 - get_tokenizer(name) returns the bundled default tokenizer, one loaded from a
-  .tiktoken file, or one of OpenAI's named encodings (those need a download).
+  .tiktoken file, one of OpenAI's named encodings (those need a download), or the
+  tokenizer of a local HF model directory.
 
 Train the bundled default (on the embedded stdlib corpus, see data/corpus.py):
 $ python -m data.tokenizer --vocab_size=8192 --out=data/tokenizer/default.tiktoken
@@ -17,6 +19,7 @@ import functools
 import heapq
 import os
 import time
+import unicodedata
 from collections import Counter, defaultdict
 
 import regex  # the `re` module has no \p{L}/\p{N} classes; `regex` comes with tiktoken
@@ -183,31 +186,107 @@ def load_ranks(path):
 
 
 class Tokenizer:
-    """A tiktoken.Encoding plus the ids of our special tokens."""
+    """
+    A tiktoken.Encoding (or data.hf_tokenizer.SentencePieceBPE, which has the same methods) plus the ids every
+    stage needs, taken from the tokenizer and chat template of the checkpoint, never from ChatML names:
 
-    def __init__(self, name, enc):
+      end_of_turn_id  closes an assistant turn (ChatML <|im_end|>, Llama 3 <|eot_id|>, Mistral </s>): trained in
+                      SFT; the position the reward model reads its score at
+      stop_ids        generation stops on any of them: end_of_turn_id, then generation_config.json's eos list
+      pad_id          fills batches; pad positions are never attended to or trained, so any id is safe. Families
+                      without a pad token (Llama 3, Mistral) get a token the model never produces: Llama 3.1's
+                      <|finetune_right_pad_id|>, a reserved special token, or <unk>
+      bos_id          put before every pretraining document (None when the family has no BOS, e.g. Qwen)
+      eot_id          the end-of-text token (<|endoftext|>, <|end_of_text|>, </s>). Pretraining's document
+                      separator is bos_id, or eot_id where bos_id is None
+      chat_template   the data.chat.ChatTemplate that data.chat.render / render_prompt use (None: the checkpoint
+                      ships none, and rendering a conversation is refused)
+      im_start_id, im_end_id  ChatML's tokens where the tokenizer has them (else None)
+
+    The repo's own tokenizer (default, .tiktoken files, tiktoken names) has SPECIAL_TOKENS appended and renders
+    ChatML with a leading <|endoftext|> (BOS): the ids above are <|endoftext|>, <|im_end|>, <|pad|>.
+    """
+
+    def __init__(self, name, enc, *, hf=None, chat_template=None, bos=None, eos=None, pad=None, unk=None):
+        from data import chat
         self.name = name  # what get_tokenizer was given; stored in checkpoints
         self.enc = enc
         self.vocab_size = enc.n_vocab  # includes the special tokens
-        self.eot_id = self.token_id("<|endoftext|>")
-        self.bos_id = self.eot_id
-        self.im_start_id = self.token_id("<|im_start|>")
-        self.im_end_id = self.token_id("<|im_end|>")
-        self.pad_id = self.token_id("<|pad|>")
+        self.hf = hf  # what export needs from an HF tokenizer (None for the repo's own)
+        self.chat_template_error = None  # why an HF checkpoint's template was refused, if it was
+        if hf is None:
+            self.normalizer, self.in_text = None, frozenset()
+            self.eot_id = self.token_id("<|endoftext|>")
+            self.bos_id = self.eot_id
+            self.im_start_id = self.token_id("<|im_start|>")
+            self.im_end_id = self.token_id("<|im_end|>")
+            self.pad_id = self.token_id("<|pad|>")
+            self.unk_id = None
+            self.end_of_turn_id = self.im_end_id
+            self.stop_ids = (self.im_end_id, self.eot_id)
+            self.chat_template = chat.CHATML if chat_template is None else chat_template
+            return
+        self.normalizer = hf.get("normalizer")
+        # non-special added tokens (Qwen3's <think>) are matched in text like HF does; special ones never are
+        self.in_text = frozenset(a["content"] for a in hf["added"] if not a["special"])
+        specials = enc.special_tokens_set
+
+        def first(*names):
+            return next((self.token_id(n) for n in names if n is not None and n in specials), None)
+
+        self.chat_template = chat_template
+        self.bos_id = first(bos)
+        self.unk_id = first(unk)
+        eos_id = first(eos)
+        self.eot_id = first("<|endoftext|>", "<|end_of_text|>", "</s>", eos)
+        self.im_start_id = first("<|im_start|>")
+        self.im_end_id = first("<|im_end|>")
+        family_eot = chat_template.end_of_turn if chat_template is not None else None
+        self.end_of_turn_id = first(family_eot, eos, "<|eot_id|>", "<|im_end|>", "</s>", "<|endoftext|>",
+                                    "<|end_of_text|>")
+        reserved = sorted((i, s) for s, i in enc._special_tokens.items() if "reserved" in s)
+        self.pad_id = first(pad, "<|finetune_right_pad_id|>", reserved[0][1] if reserved else None, unk,
+                            "<|endoftext|>", "<|end_of_text|>", eos)
+        stops = [self.end_of_turn_id] + list(hf.get("gen_eos") or []) + ([] if hf.get("gen_eos") else [eos_id])
+        self.stop_ids = tuple(dict.fromkeys(i for i in stops if i is not None))
+        if self.end_of_turn_id is None:
+            raise ValueError(f"{name}: the tokenizer has no end-of-turn token: no eos_token in tokenizer_config.json, "
+                             f"no chat template naming one, and none of <|eot_id|>, <|im_end|>, </s>, <|endoftext|>")
 
     def encode(self, text):
-        # ordinary encoding: "<|endoftext|>" typed by a user is plain text, never
-        # the special token, so user data can't inject control tokens
+        # special tokens typed by a user ("<|im_end|>") are plain text, never the special token, so user data
+        # can't inject control tokens. An HF tokenizer's non-special added tokens are matched, as HF does.
+        if self.normalizer:
+            text = unicodedata.normalize(self.normalizer, text)
+        if self.in_text:
+            return self.enc.encode(text, allowed_special=self.in_text, disallowed_special=())
         return self.enc.encode_ordinary(text)
 
+    def encode_run(self, text, at_start):
+        """encode() of a piece of text that a chat template puts after other tokens (at_start=False): a
+        SentencePiece-style tokenizer prepends its "▁" depending on where a text segment starts."""
+        if isinstance(self.enc, tiktoken.Encoding):
+            return self.encode(text)
+        return self.enc.encode(text, allowed_special=self.in_text, at_start=at_start)
+
     def encode_batch(self, texts, num_threads=8):
-        return self.enc.encode_ordinary_batch(list(texts), num_threads=num_threads)
+        texts = list(texts)
+        if self.normalizer:
+            texts = [unicodedata.normalize(self.normalizer, t) for t in texts]
+        if self.in_text:
+            return self.enc.encode_batch(texts, num_threads=num_threads, allowed_special=self.in_text,
+                                         disallowed_special=())
+        return self.enc.encode_ordinary_batch(texts, num_threads=num_threads)
 
     def decode(self, ids):
         return self.enc.decode(list(ids), errors="replace")
 
     def decode_bytes(self, ids):
         return self.enc.decode_bytes(list(ids))
+
+    def decode_token(self, i):
+        """One token as text (a special token's name)."""
+        return self.enc.decode_single_token_bytes(i).decode("utf-8", errors="replace")
 
     def token_id(self, special):
         if special not in self.enc.special_tokens_set:
@@ -216,7 +295,8 @@ class Tokenizer:
         return self.enc.encode_single_token(special)
 
     def __repr__(self):
-        return f"Tokenizer({self.name!r}, vocab_size={self.vocab_size})"
+        t = self.chat_template.name if self.chat_template is not None else None
+        return f"Tokenizer({self.name!r}, vocab_size={self.vocab_size}, chat_template={t!r})"
 
 
 def _from_ranks(name, ranks):
@@ -229,12 +309,18 @@ def _from_ranks(name, ranks):
 @functools.lru_cache(maxsize=None)
 def get_tokenizer(name="default"):
     """
+    a local HF model directory     -> its tokenizer.json / tokenizer.model, tokenizer_config.json (chat template,
+                                      bos/eos/pad) and generation_config.json (stop ids): data/hf_tokenizer.py.
+                                      Named by its absolute path, which is what checkpoints store
     "default"                      -> the bundled data/tokenizer/default.tiktoken
     path to a .tiktoken file       -> that file (trained with GPT4_PATTERN) + SPECIAL_TOKENS
     "gpt2", "cl100k_base", ...     -> tiktoken's named encoding + our chat specials
                                       (needs the encoding files: downloaded or cached)
     """
     name = str(name)
+    if os.path.isdir(name) or os.path.basename(name) in ("tokenizer.json", "tokenizer.model"):
+        from data.hf_tokenizer import load_hf_tokenizer
+        return load_hf_tokenizer(name)
     if name == "default":
         if not os.path.isfile(DEFAULT_PATH):
             raise FileNotFoundError(f"the bundled tokenizer {DEFAULT_PATH} is missing; regenerate it with "

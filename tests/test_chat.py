@@ -1,10 +1,12 @@
-"""The ChatML template and its loss mask, the three input formats, and the errors for malformed records."""
+"""The ChatML template and its loss mask, the HF families' templates against transformers, the three input formats,
+and the errors for malformed records."""
 
 import json
 
 import pytest
 
-from data.chat import BadRecord, labels_from_mask, load_conversations, render, render_prompt, to_chat_messages
+from data.chat import (BadRecord, labels_from_mask, load_conversations, render, render_prompt, render_text,
+                       to_chat_messages)
 from data.tokenizer import get_tokenizer
 
 CONV = [{"role": "system", "content": "You are terse."},
@@ -154,3 +156,159 @@ def test_chat_script_streams_the_greedy_reply(tiny_ckpt, tok):
         g = model.generate([prompt], 12, temperature=0, stop_tokens=(tok.im_end_id, tok.eot_id), pad_id=tok.pad_id)
     ids = [t for t in g["tokens"][0, :g["lengths"][0]].tolist() if t not in (tok.im_end_id, tok.eot_id)]
     assert out == tok.decode(ids) + "\n"
+
+
+# -----------------------------------------------------------------------------
+# HF checkpoints' chat templates: rendered by data/chat.py, checked against transformers' apply_chat_template
+# running each family's published jinja (tests/fixtures/chat_templates/) on tiny tokenizers built in the test
+
+FAMILIES = ["qwen2.5", "qwen3", "llama3", "mistral", "mistral-sp"]  # mistral-sp: on a SentencePiece-style BPE
+OPTIONS = {"qwen3": [{}, {"enable_thinking": False}], "llama3": [{}, {"date_string": "01 Jan 2025"}]}
+REASONING = "<think>\nFirst add 3 and 5.\nThat is 8.\n</think>\n\nIt is 8.\nDone."
+HF_CONVS = [
+    [{"role": "system", "content": "  You are terse. 日本語 "},
+     {"role": "user", "content": "What is 2 + 2?\n"},
+     {"role": "assistant", "content": "  4  "},
+     {"role": "user", "content": "And 3 + 5? café"},
+     {"role": "assistant", "content": REASONING}],
+    [{"role": "user", "content": "def f(x):\n    return x  # explain\n\n"},
+     {"role": "assistant", "content": "It returns x.\n\t(unchanged)"},
+     {"role": "user", "content": "Sure? 😀"},
+     {"role": "assistant", "content": "\nYes: 12345 digits, é\u0301 and   spaces."}],  # starts with a newline
+]
+
+
+@pytest.fixture(scope="module")
+def family_tokenizers(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    from hf_tokenizers import family_dir
+    root = tmp_path_factory.mktemp("families")
+    out = {}
+    for f in FAMILIES:
+        d = family_dir(root / f, f)
+        out[f] = (get_tokenizer(d), AutoTokenizer.from_pretrained(d))
+    return out
+
+
+def test_published_templates_are_recognised():
+    import hashlib
+    import os
+
+    from data.chat import CHATML_JINJA, KNOWN_TEMPLATES, template_from_text
+    from hf_tokenizers import TEMPLATES
+    expected = {"qwen2.5-instruct.jinja": "qwen2.5", "qwen3.jinja": "qwen3", "llama-3.1-instruct.jinja": "llama3",
+                "mistral-v0.3-instruct.jinja": "mistral"}
+    assert sorted(os.listdir(TEMPLATES)) == sorted(expected)
+    for fname, family in expected.items():
+        text = open(os.path.join(TEMPLATES, fname), encoding="utf-8").read()
+        assert hashlib.sha256(text.strip().encode()).hexdigest() in KNOWN_TEMPLATES
+        assert template_from_text(text).name == family
+        assert template_from_text(text.replace("\n", "\r\n") + "\n").name == family  # line endings, final newline
+        with pytest.raises(ValueError, match="not one the repo renders"):
+            template_from_text(text.replace("\\n", "\\n ", 1))
+    assert template_from_text(CHATML_JINJA).name == "chatml"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_render_equals_transformers_apply_chat_template(family_tokenizers, family):
+    ours, hf = family_tokenizers[family]
+    for options in OPTIONS.get(family, [{}]):
+        for conv in HF_CONVS:
+            for n in range(2, len(conv) + 1):  # every prefix ending with a user or an assistant turn
+                msgs = conv[:n]
+                if family.startswith("mistral") and msgs[0]["role"] == "system":
+                    msgs = msgs[1:] if n % 2 == 1 else msgs  # also without the system message
+                for gen in (False, True):
+                    want_text = hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen, **options)
+                    want_ids = hf.apply_chat_template(msgs, add_generation_prompt=gen, **options)["input_ids"]
+                    assert render_text(msgs, ours, add_generation_prompt=gen, **options) == want_text, (n, gen)
+                    ids, mask = render(msgs, ours, add_generation_prompt=gen, **options)
+                    assert ids == want_ids and len(mask) == len(ids), (options, n, gen)
+    if family == "qwen2.5":  # the default system prompt when there is none
+        assert "You are Qwen, created by Alibaba Cloud. You are a helpful assistant." in \
+            render_text(HF_CONVS[1][:2], ours)
+
+
+def _trained_spans(tok, ids, mask):
+    spans, cur = [], []
+    for i, m in zip(ids + [None], mask + [0]):
+        if m:
+            cur.append(i)
+        elif cur:
+            spans.append(tok.decode(cur))
+            cur = []
+    return spans
+
+
+@pytest.mark.parametrize("family", ["qwen2.5", "qwen3", "llama3", "mistral"])
+def test_loss_mask_is_exactly_the_assistant_turns(family_tokenizers, family):
+    ours, _ = family_tokenizers[family]
+    conv = HF_CONVS[0]
+    answer = "It is 8.\nDone."
+    end = {"qwen2.5": "<|im_end|>", "qwen3": "<|im_end|>", "llama3": "<|eot_id|>", "mistral": "</s>"}[family]
+    expected = {  # by hand, from each published template
+        "qwen2.5": ["  4  " + end, REASONING + end],
+        "qwen3": ["  4  " + end, "<think>\nFirst add 3 and 5.\nThat is 8.\n</think>\n\n" + answer + end],
+        "llama3": ["4" + end, REASONING + end],
+        "mistral": [" 4" + end, " " + REASONING + end],
+    }[family]
+    ids, mask = render(conv, ours)
+    assert _trained_spans(ours, ids, mask) == expected
+    if family == "qwen3":  # thinking off: the empty think block is part of the prompt, so not trained
+        plain = conv[:4] + [{"role": "assistant", "content": answer}]
+        ids, mask = render(plain, ours, enable_thinking=False)
+        assert _trained_spans(ours, ids, mask) == ["  4  " + end, answer + end]
+        assert ours.decode(ids).endswith("<think>\n\n</think>\n\n" + answer + end + "\n")
+
+
+def test_loss_mask_sentencepiece(family_tokenizers):
+    ours, _ = family_tokenizers["mistral-sp"]
+    conv = HF_CONVS[1]
+    ids, mask = render(conv, ours)
+    trained = [i for i, m in zip(ids, mask) if m]
+    eos = ours.end_of_turn_id
+    want = []
+    for m in conv:
+        if m["role"] == "assistant":
+            want += ours.encode_run(" " + m["content"].strip(), at_start=False) + [eos]
+    assert trained == want and eos == ours.token_id("</s>")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generation_prompt_is_a_prefix(family_tokenizers, family):
+    ours, _ = family_tokenizers[family]
+    for options in OPTIONS.get(family, [{}]):
+        conv = HF_CONVS[0] if not family.startswith("mistral") else HF_CONVS[0][1:]
+        if options.get("enable_thinking") is False:  # a reply without reasoning, as thinking off generates
+            conv = conv[:-1] + [{"role": "assistant", "content": "It is 8."}]
+        for k in [i for i, m in enumerate(conv) if m["role"] == "assistant"]:  # the reply at conv[k]
+            full, mask = render(conv[:k + 1], ours, **options)
+            prompt = render_prompt(conv[:k + 1], ours, **options)
+            assert full[:len(prompt)] == prompt, (options, k)
+            # after the prompt: the reply and its end-of-turn token, all trained (ChatML's "\n" after it is not)
+            rest = mask[len(prompt):]
+            assert rest == [1] * (len(rest) - 1) + [0 if family.startswith("qwen") else 1], (options, k)
+    if family.startswith("mistral"):  # the published template breaks it with a system message (it moves)
+        full, _ = render(HF_CONVS[0][:3], ours)
+        assert full[:len(render_prompt(HF_CONVS[0][:3], ours))] != render_prompt(HF_CONVS[0][:3], ours)
+
+
+def test_qwen3_reasoning_in_history_is_dropped(family_tokenizers):
+    ours, hf = family_tokenizers["qwen3"]
+    conv = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "<think>\nr1\n</think>\n\na1"},
+            {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2", "reasoning_content": "r2"}]
+    text = render_text(conv, ours)
+    assert "r1" not in text and "<|im_start|>assistant\na1<|im_end|>" in text  # history loses its reasoning
+    assert "<|im_start|>assistant\n<think>\nr2\n</think>\n\na2<|im_end|>" in text  # the last turn keeps it
+    assert text == hf.apply_chat_template(conv, tokenize=False)
+
+
+def test_template_options_are_checked(family_tokenizers):
+    ours, _ = family_tokenizers["qwen3"]
+    with pytest.raises(ValueError, match="no option"):
+        render(HF_CONVS[1][:2], ours, date_string="x")
+    off = ours.chat_template.with_options(enable_thinking=False)
+    assert off.options == {"enable_thinking": False} and ours.chat_template.options == {"enable_thinking": True}
+    with pytest.raises(ValueError, match="no option"):
+        render(CONV[:2], get_tokenizer("default"), enable_thinking=False)

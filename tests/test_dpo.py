@@ -28,7 +28,8 @@ def nls(x):  # -log sigmoid(x)
 
 @pytest.mark.parametrize("loss_type, beta, eps, want", [
     ("sigmoid", 0.1, 0.0, [nls(0.1 * h) for h in H]),
-    ("robust", 0.5, 0.2, [0.8 * nls(0.5 * h) + 0.2 * nls(-0.5 * h) for h in H]),
+    ("sigmoid", 0.5, 0.2, [0.8 * nls(0.5 * h) + 0.2 * nls(-0.5 * h) for h in H]),  # cDPO (label smoothing)
+    ("robust", 0.5, 0.2, [(0.8 * nls(0.5 * h) - 0.2 * nls(-0.5 * h)) / 0.6 for h in H]),  # rDPO
     ("ipo", 0.25, 0.0, [(h - 1 / (2 * 0.25)) ** 2 for h in H]),
     ("hinge", 0.4, 0.0, [max(0.0, 1 - 0.4 * h) for h in H]),
 ])
@@ -36,6 +37,18 @@ def test_reference_losses_match_closed_form(loss_type, beta, eps, want):
     losses, r_c, r_r = dpo_loss(PC, PR, RC, RR, beta, loss_type, eps)
     assert torch.allclose(losses, torch.tensor(want), atol=1e-6)
     assert torch.allclose(r_c, beta * torch.tensor([1.0, -1.0])) and torch.allclose(r_r, beta * torch.tensor([-1.0, 0.5]))
+
+
+def test_robust_dpo_hand_value_and_unbiasedness():
+    # h = 2, beta = 0.5, eps = 0.2: ((0.8 * 0.3132617) - 0.2 * 1.3132617) / 0.6 = -0.0200716 (by hand)
+    one = lambda t: torch.tensor([t])
+    loss, _, _ = dpo_loss(one(2.0), one(0.0), one(0.0), one(0.0), 0.5, "robust", 0.2)
+    assert loss.item() == pytest.approx(-0.0200716, abs=1e-6)
+    # rDPO is unbiased: averaged over a label that flips with probability eps it is the clean DPO loss
+    h = torch.tensor([2.0, -1.5, 0.3])
+    z = torch.zeros(3)
+    flip_avg = 0.8 * dpo_loss(h, z, z, z, 0.5, "robust", 0.2)[0] + 0.2 * dpo_loss(-h, z, z, z, 0.5, "robust", 0.2)[0]
+    assert torch.allclose(flip_avg, dpo_loss(h, z, z, z, 0.5, "sigmoid", 0.0)[0], atol=1e-6)
 
 
 def test_simpo_and_orpo_match_closed_form():

@@ -118,6 +118,22 @@ def test_forward_loss_matches_cross_entropy_with_ignore_index():
     torch.testing.assert_close(last[:, 0], logits[:, -1])
 
 
+def test_per_token_logprobs_are_exact_under_z_loss_in_training_mode():
+    # reduction="none" is what DPO, GRPO and the reward stage read as log-probs: z-loss (a regulariser of the
+    # training loss) must not leak into them, while the mean loss does carry it
+    torch.manual_seed(0)
+    m = Transformer(small(z_loss=0.1)).train()
+    idx, targets = torch.randint(0, 97, (2, 10)), torch.randint(0, 97, (2, 10))
+    with torch.no_grad():
+        logits, _ = m(idx)
+        logp = F.log_softmax(logits.double(), -1).gather(-1, targets[..., None]).squeeze(-1)
+        _, nll = m(idx, targets, reduction="none")
+        torch.testing.assert_close(-nll.double(), logp, rtol=0, atol=1e-5)
+        _, mean = m(idx, targets)
+        z = 0.1 * (torch.logsumexp(logits.double(), -1) ** 2).mean()
+        torch.testing.assert_close(mean.double(), -logp.mean() + z, rtol=0, atol=1e-4)
+
+
 def test_kv_cache_greedy_equals_full_recompute():
     torch.manual_seed(0)
     m = Transformer(small()).eval()

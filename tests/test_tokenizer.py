@@ -260,3 +260,13 @@ def test_named_encoding_adds_chat_specials(monkeypatch, fresh_cache):
     assert (tok.im_start_id, tok.im_end_id, tok.pad_id) == (257, 258, 259)
     assert tok.vocab_size == 260
     assert tok.encode("hi") == [104, 105]
+
+
+def test_default_tokenizer_stage_ids():
+    # the ids the stages use, for the repo's own tokenizer: ChatML's, with <|endoftext|> as BOS/separator
+    tok = get_tokenizer("default")
+    n = tok.vocab_size - len(SPECIAL_TOKENS)  # the specials come after the ranks, in SPECIAL_TOKENS' order
+    assert (tok.eot_id, tok.im_start_id, tok.im_end_id, tok.pad_id) == (n, n + 1, n + 2, n + 3)
+    assert tok.bos_id == tok.eot_id and tok.end_of_turn_id == tok.im_end_id
+    assert tok.stop_ids == (tok.im_end_id, tok.eot_id)
+    assert tok.chat_template.name == "chatml" and tok.unk_id is None
