@@ -359,6 +359,10 @@ if __name__ == "__main__":
     model.to(device).eval()
     tok = get_tokenizer(ckpt_meta["tokenizer"])
     cfg = model.config
+    chat_evals = [e for e in wanted if e in ("tasks", "gsm8k_chat")]
+    if chat_evals and getattr(tok, "chat_template", "ChatML") is None:  # they prompt through the chat template
+        raise SystemExit(f"eval: {', '.join(chat_evals)} need a chat template, and "
+                         f"{getattr(tok, 'chat_template_error', None) or f'tokenizer {tok.name} has none'}")
     log(f"eval {ckpt}: {model.num_params() / 1e6:.2f}M params, tokenizer {tok.name}, max_seq_len {cfg.max_seq_len}, "
         f"device {device} x {world_size} | {', '.join(wanted)}")
 
@@ -408,6 +412,7 @@ if __name__ == "__main__":
         for name in [e for e in wanted if e in benchmarks.BENCHMARKS]:
             if hub_down and not bench_data:
                 unmeasured[name] = f"not loaded: the hub was unreachable for {hub_down}"
+                log(f"{name}: unmeasured ({unmeasured[name]})")
                 continue
             try:
                 data[name] = benchmarks.load_benchmark(name, bench_data, None if num_fewshot < 0 else num_fewshot,

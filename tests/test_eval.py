@@ -410,8 +410,7 @@ def test_parity_with_lm_eval_hf_model(tmp_path):
     try:
         import hf
     except ImportError:
-        pytest.skip("needs the HF export (hf.py: hf.export_checkpoint(ckpt, out_dir), branch wt-hf) and the HF "
-                    "tokenizer export (data/hf_tokenizer.py, branch wt-tok), not on this branch yet")
+        pytest.skip("needs the HF model export, hf.py's export_hf(ckpt, out_dir) (branch wt-hf, not merged yet)")
     import lm_eval.evaluator
     from lm_eval.tasks._yaml_loader import load_yaml
     from checkpoint import checkpoint_dict, load_model, save_checkpoint
@@ -425,7 +424,7 @@ def test_parity_with_lm_eval_hf_model(tmp_path):
     ckpt = str(tmp_path / "ckpt.pt")
     save_checkpoint(ckpt, checkpoint_dict(model, "default", step=0))
     hf_dir = str(tmp_path / "hf")
-    hf.export_checkpoint(ckpt, hf_dir)
+    hf.export_hf(ckpt, hf_dir)
     root = write_bench(tmp_path / "bench")
     tasks_dir = os.path.join(os.path.dirname(lm_eval.__file__), "tasks")
     configs = {}
