@@ -3,7 +3,8 @@ Evaluation: any language-model checkpoint on held-out loss and bits per byte, th
 benchmarks in lm-evaluation-harness's conventions, so the numbers compare with published ones.
 
 $ python eval.py --ckpt=out/sft/ckpt.pt                   # val loss/bpb (embedded corpus) + task exact match, CPU
-$ python eval.py --ckpt=out/gpt2/ckpt.pt --evals=val,arc_easy,arc_challenge,hellaswag,mmlu,gsm8k --val_data=data/bin/fineweb-edu
+$ python eval.py --ckpt=out/gpt2_small/ckpt.pt --evals=val,arc_easy,arc_challenge,hellaswag,mmlu,gsm8k \
+      --val_data=data/bin/fineweb-edu                     # the standard benchmarks (hub datasets)
 $ python eval.py --evals=mmlu,gsm8k --bench_data=benchmarks/ --limit=100    # local files, a quick look
 $ python eval.py --ckpt=out/grpo/ckpt.pt --evals=gsm8k_chat --system_prompt="..."   # a chat model, zero-shot
 $ torchrun --standalone --nproc_per_node=8 eval.py --ckpt=... --evals=...   # each rank takes every 8th example
@@ -69,7 +70,8 @@ class Progress:
             return
         now = time.time()
         tenth = self.n * 10 // self.total
-        if (self.tty and now - self.t_draw > 0.2) or (not self.tty and tenth >= self.next_tenth) or self.n >= self.total:
+        due = now - self.t_draw > 0.2 if self.tty else tenth >= self.next_tenth
+        if due or self.n >= self.total:
             self.t_draw, self.next_tenth = now, tenth + 1
             rate = self.n / max(now - self.t0, 1e-9)
             left = (self.total - self.n) / max(rate, 1e-9)
@@ -473,7 +475,8 @@ if __name__ == "__main__":
                                            [d["docs"][i]["choices"] for i in idx], bos, batch_size, bar)
             bar.close()
             rows = [dict(index=i, gold=d["docs"][i]["gold"], **s,
-                         **({"subject": d["docs"][i]["subject"]} if name == "mmlu" else {})) for i, s in zip(idx, scored)]
+                         **({"subject": d["docs"][i]["subject"]} if name == "mmlu" else {}))
+                    for i, s in zip(idx, scored)]
             acc, acc_norm, n = summed([sum(r["pred"] == r["gold"] for r in rows),
                                        sum(r["pred_norm"] == r["gold"] for r in rows), len(rows)], device, world_size)
             rows = sorted(gather(rows, world_size), key=lambda r: r["index"])

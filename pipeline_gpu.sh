@@ -28,7 +28,9 @@ RAW=${RAW:-data/raw/fineweb-edu}
 DATA=data/bin/fineweb-edu
 REPORT_DIR=out/report
 RUN="torchrun --standalone --nproc_per_node=$NPROC"
-SYSTEM="Solve the math problem step by step. End your reply with the final answer on its own line, written as '#### <number>'."
+# configs/grpo_gsm8k.py's system prompt, which RL trained with
+SYSTEM="Solve the math problem step by step. End your reply with the final answer on its own line, \
+written as '#### <number>'."
 BENCH=val,arc_easy,arc_challenge,hellaswag,mmlu,gsm8k
 t0=$(date +%s)
 
@@ -36,7 +38,8 @@ t0=$(date +%s)
 python - "$RAW" <<'EOF'
 import sys
 from huggingface_hub import snapshot_download
-snapshot_download("HuggingFaceFW/fineweb-edu", repo_type="dataset", allow_patterns="sample/10BT/*", local_dir=sys.argv[1])
+snapshot_download("HuggingFaceFW/fineweb-edu", repo_type="dataset", allow_patterns="sample/10BT/*",
+                  local_dir=sys.argv[1])
 EOF
 [ -f $DATA/meta.json ] || python -m data.prepare --source=$RAW/sample/10BT --out=$DATA --tokenizer=gpt2 --sharded
 
@@ -60,7 +63,8 @@ for _, _, r in iter_records("HuggingFaceTB/smol-smoltalk", split="train"):
         bad += 1  # e.g. an empty turn: skipped and counted
 for _, _, r in iter_records("openai/gsm8k", split="train", config="main"):
     ex = gsm8k_example(r)  # the worked solution already ends in "#### N"
-    rows.append(dict(messages=[{"role": "user", "content": ex["prompt"]}, {"role": "assistant", "content": r["answer"]}]))
+    rows.append(dict(messages=[{"role": "user", "content": ex["prompt"]},
+                               {"role": "assistant", "content": r["answer"]}]))
 random.Random(0).shuffle(rows)
 with open("data/sft_mix.jsonl", "w") as f:
     f.writelines(json.dumps(r) + "\n" for r in rows)

@@ -406,7 +406,7 @@ def test_parity_with_lm_eval_hf_model(tmp_path):
     """lm_eval's HFLM on a checkpoint exported to an HF directory, through custom tasks whose dataset_path is json
     on the same local rows, offline: every document's chosen answer (ARC, HellaSwag, MMLU, 1-shot), every GSM8K
     completion (5-shot) and the accuracies must equal ours."""
-    lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is the test-time reference: pip install lm-eval accelerate")
+    lm_eval = pytest.importorskip("lm_eval", reason="the test-time reference: pip install lm-eval accelerate")
     try:
         import hf
     except ImportError:
@@ -436,8 +436,8 @@ def test_parity_with_lm_eval_hf_model(tmp_path):
         cfg = load_yaml(os.path.join(tasks_dir, yaml_path))
         cfg.pop("tag", None)
         cfg.update(task=f"parity_{name}", dataset_path="json", dataset_name=None, num_fewshot=k,
-                   dataset_kwargs=dict(data_files={s: os.path.join(root, name, f"{f}.jsonl") for s, f in splits.items()},
-                                       cache_dir=str(tmp_path / "hf_cache")))
+                   dataset_kwargs=dict(cache_dir=str(tmp_path / "hf_cache"), data_files={
+                       s: os.path.join(root, name, f"{f}.jsonl") for s, f in splits.items()}))
         if name == "gsm8k":
             cfg["generation_kwargs"] = dict(cfg["generation_kwargs"], max_gen_toks=16)
         configs[name] = (cfg, k)

@@ -42,8 +42,8 @@ def test_two_stage_report_with_plots_and_no_duplicates_on_rerun(tmp_path):
                                               metrics=pre.path))
     sft = log_run(tmp_path / "sft", range(10, 101, 10), loss=lambda s: 2 - s / 100, lr=lambda s: 2e-3,
                   accuracy=lambda s: s / 200)
-    path = report.write_summary(rd, "sft", dict(params=3_150_000, tokens=500_000, wall_time=311.0,
-                                                before=dict(accuracy=0.0), after=dict(accuracy=0.672), metrics=sft.path))
+    path = report.write_summary(rd, "sft", dict(params=3_150_000, tokens=500_000, wall_time=311.0, metrics=sft.path,
+                                                before=dict(accuracy=0.0), after=dict(accuracy=0.672)))
     text = open(path).read()
     assert text.count("## pretrain") == 1 and text.count("## sft") == 1
     assert text.index("## pretrain") < text.index("## sft") < text.index("## Summary")
