@@ -4,6 +4,12 @@ Tokenise a text corpus into flat token files for pretraining.
 $ python -m data.prepare --source=embedded --out=data/bin/embedded
 $ python -m data.prepare --source=tinystories --out=data/bin/tinystories --tokenizer=default
 $ python -m data.prepare --source=path/to/shards/ --out=data/bin/mine --text_field=content
+$ python -m data.prepare --source=fineweb-edu-10BT/ --out=data/bin/fineweb-edu --tokenizer=gpt2 --sharded
+
+--sharded (local files): each input file is tokenised into its own shard under --out/shards/ and marked done
+there, so a run that is interrupted and started again skips the files already done; at the end the shards
+are joined into train.bin / val.bin (the same bytes as an unsharded run) and removed. A progress line
+(documents, tokens, tokens/s, files done) goes to stderr.
 
 Output in --out: train.bin, val.bin (format below) and meta.json. Every document
 is PRECEDED by the <|endoftext|> (= bos) token, then all are concatenated, so a
@@ -18,12 +24,13 @@ or uint32 (itemsize 4). load_tokens() memory-maps it.
 import argparse
 import json
 import os
+import sys
 import time
 
 import numpy as np
 
 from data.chat import BadRecord
-from data.records import DataError, iter_records, read_records
+from data.records import DataError, iter_records, local_files, read_records
 
 MAGIC = 20241201
 VERSION = 1
@@ -152,19 +159,32 @@ def is_val(index, val_fraction):
 # -----------------------------------------------------------------------------
 
 
-def prepare(source, out_dir, tokenizer="default", val_fraction=0.005, text_field="text",
-            num_proc=None, max_docs=None, skip_bad=False, config=None, split="train",
-            batch_size=1024, verbose=True):
-    from data.tokenizer import get_tokenizer
+class Progress:
+    """A progress line on stderr: documents, tokens, tokens/s (and files done when sharded). Redrawn in place on
+    a terminal, one line every 30 s in a log file."""
 
-    tok = get_tokenizer(tokenizer)
-    num_proc = num_proc or os.cpu_count() or 1
-    if source in PRESETS and text_field == "text":
-        text_field = PRESETS[source][2]
-    writers = {s: TokenWriter(os.path.join(out_dir, f"{s}.bin"), tok.vocab_size) for s in ("train", "val")}
+    def __init__(self, enabled=True):
+        self.enabled, self.t0, self.t_draw = enabled, time.time(), 0.0
+        self.tty = sys.stderr.isatty()
+
+    def show(self, n_docs, n_tokens, where="", final=False):
+        now = time.time()
+        if not self.enabled or not (final or now - self.t_draw > (0.5 if self.tty else 30)):
+            return
+        self.t_draw = now
+        line = (f"{where}{n_docs:,} docs, {n_tokens:,} tokens, {n_tokens / max(now - self.t0, 1e-9):,.0f} tokens/s, "
+                f"{now - self.t0:.0f}s")
+        sys.stderr.write(("\r" + line + " " * 4 + ("\n" if final else "")) if self.tty else line + "\n")
+        sys.stderr.flush()
+
+
+def _tokenize(records, tok, writers, n_docs, first_index, val_fraction, num_proc, batch_size, max_docs, progress,
+              where=""):
+    """Tokenise text records into writers["train"/"val"], each document preceded by bos and sent to val by
+    is_val(its global index). n_docs (dict) counts the documents per split. Returns the next global index."""
+    n = first_index
+
     sep = tok.bos_id if tok.bos_id is not None else tok.eot_id  # before every document (Qwen has no BOS)
-    n_docs = {"train": 0, "val": 0}
-    t0 = time.time()
 
     def flush(batch):
         # tiktoken releases the GIL, so threads give real parallelism here
@@ -175,6 +195,40 @@ def prepare(source, out_dir, tokenizer="default", val_fraction=0.005, text_field
             if parts:
                 writers[s].write(np.concatenate([np.asarray(p, dtype=np.int64) for p in parts]))
                 n_docs[s] += len(parts)
+        progress.show(n, writers["train"].n_tokens + writers["val"].n_tokens, where)
+
+    batch = []
+    for text in records:
+        if max_docs is not None and n >= max_docs:
+            break
+        batch.append((n, text))
+        n += 1
+        if len(batch) == batch_size:
+            flush(batch)
+            batch = []
+    if batch:
+        flush(batch)
+    return n
+
+
+def prepare(source, out_dir, tokenizer="default", val_fraction=0.005, text_field="text",
+            num_proc=None, max_docs=None, skip_bad=False, config=None, split="train",
+            batch_size=1024, sharded=False, verbose=True):
+    """Tokenise source into out_dir/train.bin, val.bin and meta.json (see the module docstring).
+
+    sharded=True (local files only, e.g. a downloaded FineWeb-Edu): each input file is tokenised on its own
+    into out_dir/shards/ and recorded as done there, so an interrupted run, started again with the same
+    arguments, skips the files already done (resumable); the shards are then joined into train.bin / val.bin
+    (identical to an unsharded run's) and removed."""
+    from data.tokenizer import get_tokenizer
+
+    tok = get_tokenizer(tokenizer)
+    num_proc = num_proc or os.cpu_count() or 1
+    if source in PRESETS and text_field == "text":
+        text_field = PRESETS[source][2]
+    n_docs = {"train": 0, "val": 0}
+    t0 = time.time()
+    progress = Progress(verbose)
 
     def text_of(rec):
         text = rec.get(text_field) if isinstance(rec, dict) else None
@@ -186,33 +240,83 @@ def prepare(source, out_dir, tokenizer="default", val_fraction=0.005, text_field
         return text
 
     counts = {}
-    try:
-        batch = []
-        n = 0  # documents accepted so far; the split is by this index
-        for text in read_records(iter_source(source, config=config, split=split), text_of, skip_bad, counts,
-                                 hint="pass --skip_bad to skip such records"):
-            batch.append((n, text))
-            n += 1
-            if len(batch) == batch_size:
-                flush(batch)
-                batch = []
-                if verbose and n % (batch_size * 100) == 0:
-                    ntok = writers["train"].n_tokens + writers["val"].n_tokens
-                    print(f"{n:,} docs, {ntok:,} tokens, {ntok / (time.time() - t0):,.0f} tokens/s")
+    if sharded:
+        files = local_files(source) if source != "embedded" and source not in PRESETS else None
+        if files is None:
+            raise DataError(f"sharded preparation reads local files, one shard per file; {source!r} is not local. "
+                            f"Download the dataset first (pipeline_gpu.sh shows how), then pass its directory")
+        shard_dir = os.path.join(out_dir, "shards")
+        os.makedirs(shard_dir, exist_ok=True)
+        n, n_skipped, done = 0, 0, []
+        for k, path in enumerate(files):
+            marker = os.path.join(shard_dir, f"{k:05d}.json")
+            if os.path.exists(marker):
+                with open(marker) as f:
+                    m = json.load(f)
+                if m["file"] == path and m["first_index"] == n and m["size"] == os.path.getsize(path) and \
+                        m["complete"] and m["tokenizer"] == tok.name and m["val_fraction"] == val_fraction:
+                    n, n_skipped = m["next_index"], n_skipped + m["skipped"]
+                    done.append(m)
+                    continue
             if max_docs is not None and n >= max_docs:
                 break
-        if batch:
-            flush(batch)
+            writers = {s: TokenWriter(os.path.join(shard_dir, f"{k:05d}.{s}.bin"), tok.vocab_size)
+                       for s in ("train", "val")}
+            shard_docs = {"train": 0, "val": 0}
+            try:
+                records = read_records(iter_records(path), text_of, skip_bad, counts,
+                                       hint="pass --skip_bad to skip such records")
+                nxt = _tokenize(records, tok, writers, shard_docs, n, val_fraction, num_proc, batch_size, max_docs,
+                                progress, where=f"file {k + 1}/{len(files)}: ")
+            except BaseException:
+                for w in writers.values():
+                    w.abort()
+                raise
+            for w in writers.values():
+                w.close()
+            m = dict(file=path, size=os.path.getsize(path), first_index=n, next_index=nxt, n_docs=shard_docs,
+                     skipped=counts["skipped"], complete=max_docs is None or nxt < max_docs,
+                     tokenizer=tok.name, val_fraction=val_fraction)
+            with open(marker + ".tmp", "w") as f:
+                json.dump(m, f)
+            os.replace(marker + ".tmp", marker)  # the shard counts as done only once this exists
+            n, n_skipped = nxt, n_skipped + m["skipped"]
+            done.append(m)
+        # join the shards, in file order, into the two token files pretraining reads
+        writers = {s: TokenWriter(os.path.join(out_dir, f"{s}.bin"), tok.vocab_size) for s in ("train", "val")}
+        for k, m in enumerate(done):
+            for s in ("train", "val"):
+                part = load_tokens(os.path.join(shard_dir, f"{k:05d}.{s}.bin"))
+                for i in range(0, len(part), 1 << 26):
+                    writers[s].write(part[i:i + (1 << 26)])
+                n_docs[s] += m["n_docs"][s]
         if n_docs["train"] == 0:
-            raise DataError(f"source {source!r} gave {n} usable document(s) ({counts['read']} record(s) read, "
-                            f"{counts['skipped']} skipped); need at least 2 (one goes to val, the rest to train)")
-    except BaseException:
+            for w in writers.values():
+                w.abort()
+            raise DataError(f"source {source!r} gave {n} usable document(s); need at least 2 (one goes to val, "
+                            f"the rest to train)")
         for w in writers.values():
-            w.abort()
-        raise
-    n_skipped = counts["skipped"]
-    for w in writers.values():
-        w.close()
+            w.close()
+        for name in os.listdir(shard_dir):  # train.bin / val.bin hold everything now
+            os.remove(os.path.join(shard_dir, name))
+        os.rmdir(shard_dir)
+    else:
+        writers = {s: TokenWriter(os.path.join(out_dir, f"{s}.bin"), tok.vocab_size) for s in ("train", "val")}
+        try:
+            records = read_records(iter_source(source, config=config, split=split), text_of, skip_bad, counts,
+                                   hint="pass --skip_bad to skip such records")
+            n = _tokenize(records, tok, writers, n_docs, 0, val_fraction, num_proc, batch_size, max_docs, progress)
+            if n_docs["train"] == 0:
+                raise DataError(f"source {source!r} gave {n} usable document(s) ({counts['read']} record(s) read, "
+                                f"{counts['skipped']} skipped); need at least 2 (one goes to val, the rest to train)")
+        except BaseException:
+            for w in writers.values():
+                w.abort()
+            raise
+        n_skipped = counts["skipped"]
+        for w in writers.values():
+            w.close()
+    progress.show(n, writers["train"].n_tokens + writers["val"].n_tokens, final=True)
 
     meta = {
         "tokenizer": tok.name, "vocab_size": tok.vocab_size, "bos_id": tok.bos_id,
@@ -244,10 +348,12 @@ if __name__ == "__main__":
                         "a line that is not JSON or not UTF-8")
     parser.add_argument("--config", type=str, default=None, help="hub dataset config name")
     parser.add_argument("--split", type=str, default="train", help="hub dataset split")
+    parser.add_argument("--sharded", action="store_true", help="local files: one resumable shard per file (a rerun "
+                        "skips the files already done), joined into train.bin / val.bin at the end")
     args = parser.parse_args()
     try:
         prepare(args.source, args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
                 text_field=args.text_field, num_proc=args.num_proc, max_docs=args.max_docs,
-                skip_bad=args.skip_bad, config=args.config, split=args.split)
+                skip_bad=args.skip_bad, config=args.config, split=args.split, sharded=args.sharded)
     except (BadRecord, DataError, FileNotFoundError) as e:  # bad input: say what and where, no traceback
         raise SystemExit(f"prepare: {e}")
