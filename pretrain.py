@@ -32,6 +32,7 @@ from distributed import (check_replicas_identical, device_peak_flops, grad_sync,
                          teardown_distributed)
 from model import ModelConfig, Transformer
 from optim import SCHEDULES, configure_optimizer, lr_at, mark_nonfinite, stop_if_nonfinite
+from report import MetricsLogger, run_setup, write_summary
 
 # -----------------------------------------------------------------------------
 # config: every global below can be set from a config file or --key=value
@@ -87,6 +88,7 @@ eval_iters = 20
 ckpt_interval = 100        # 0: never save (benchmarks)
 sample_prompts = ("def ", "import ", "class ")
 sample_tokens = 64
+report_dir = ""             # the summary goes into report_dir/<stage>.json and report.md ("": beside out_dir)
 wandb_log = False
 wandb_project = "pretrain"
 wandb_run_name = "run"
@@ -181,7 +183,7 @@ if __name__ == "__main__":
                       moe_aux_loss_coef=moe_aux_loss_coef, moe_bias_update_rate=moe_bias_update_rate, z_loss=z_loss,
                       logit_softcap=logit_softcap, kernels=kernels)
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    start_step, best_val, ckpt = 0, float("inf"), None
+    start_step, best_val, val0, ckpt = 0, float("inf"), None, None
     if init_from == "scratch":
         try:
             model = Transformer(ModelConfig(**model_args))
@@ -196,7 +198,7 @@ if __name__ == "__main__":
             from configs import check_resume
             check_resume(ckpt, {**config, "world_size": world_size}, _resume_fixed,
                          _resume_schedule + ("world_size",), ckpt_path)
-            start_step, best_val = ckpt["step"], ckpt["best_val_loss"]
+            start_step, best_val, val0 = ckpt["step"], ckpt["best_val_loss"], ckpt.get("val_loss0")
         else:  # continued pretraining: the weights of any language-model checkpoint, a fresh optimizer and schedule
             ckpt = None
     model.to(device)
@@ -222,9 +224,6 @@ if __name__ == "__main__":
               f"{tokens_per_step:,} tokens/step x {max_steps} steps = "
               f"{tokens_per_step * max_steps / len(train_tokens):.2f} epochs | device {device} x {world_size} | "
               f"kernels {raw_model.impl}")
-        if wandb_log:
-            import wandb
-            wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 
     @torch.no_grad()
     def evaluate():
@@ -254,9 +253,12 @@ if __name__ == "__main__":
             if master:
                 print(f"--- {p!r} ->\n{p}{tok.decode(ids)}")
 
+    wandb = dict(project=wandb_project, name=wandb_run_name, config=config) if wandb_log else None
+    metrics = MetricsLogger(out_dir, start_step if init_from == "resume" else None, enabled=master, wandb=wandb)
+
     def save(step, val_loss):
         stop_if_nonfinite(nonfinite_step, model, ckpt_path)  # never write NaN weights over the last good checkpoint
-        state = checkpoint_dict(model, tokenizer, step=step, best_val_loss=best_val, val_loss=val_loss,
+        state = checkpoint_dict(model, tokenizer, step=step, best_val_loss=best_val, val_loss=val_loss, val_loss0=val0,
                                 optimizer=optimizer_state_dict(model, optimizer), rng=rng_states(device, ddp),
                                 config={**config, "world_size": world_size})
         if master:
@@ -277,8 +279,8 @@ if __name__ == "__main__":
             val_loss = evaluate()
             if master:
                 print(f"step {step}: val loss {val_loss:.4f} (ppl {math.exp(min(val_loss, 20)):.1f})")
-                if wandb_log:
-                    wandb.log({"val_loss": val_loss}, step=step)
+            metrics.log(step, val_loss=val_loss)
+            val0 = val_loss if step == 0 else val0
             best_val = min(best_val, val_loss)
             t_log = time.time()  # evaluation time is not training throughput
         if ckpt_interval > 0 and step > start_step and (step % ckpt_interval == 0 or final):
@@ -322,9 +324,8 @@ if __name__ == "__main__":
                 line += f" | expert load max/mean {(expert_load.max(1).values * expert_load.shape[1]).mean():.2f}"
             if master:
                 print(f"{line} | eta {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
-                if wandb_log:
-                    wandb.log(dict(loss=step_loss.item(), lr=optimizer.param_groups[0]["lr"],
-                                   grad_norm=grad_norm.item(), tokens_per_sec=tok_s), step=done)
+            metrics.log(done, loss=step_loss.item(), lr=optimizer.param_groups[0]["lr"], grad_norm=grad_norm.item(),
+                        tokens_per_sec=tok_s)
             t_log, tokens_since_log = time.time(), 0
 
     if ddp and parallel == "ddp":
@@ -333,5 +334,9 @@ if __name__ == "__main__":
             print(f"replicas identical across {n} ranks")
     if master:
         print(f"done: {last_step - start_step} steps in {time.time() - t_start:.0f}s")
+        write_summary(report_dir, "pretrain", out_dir=out_dir, summary=dict(
+            setup=run_setup(device, world_size), params=n_params, tokens=tokens_per_step * last_step,
+            wall_time=time.time() - t_start, before=dict(val_loss=val0), after=dict(val_loss=val_loss),
+            metrics=metrics.path, ckpt=ckpt_path if ckpt_interval else None, steps=last_step))
     sample()
     teardown_distributed(ddp)

@@ -15,7 +15,8 @@ metrics files, so rerunning a stage never duplicates anything. The report ends w
 In a stage script:
 
     from report import MetricsLogger, run_setup, write_summary
-    metrics = MetricsLogger(out_dir, resume_step=start_step if resuming else None, enabled=master)
+    wandb = dict(project=wandb_project, name=wandb_run_name, config=config) if wandb_log else None
+    metrics = MetricsLogger(out_dir, resume_step=start_step if resuming else None, enabled=master, wandb=wandb)
     metrics.log(step, loss=loss, lr=lr, grad_norm=grad_norm)          # every log_interval
     if master:
         write_summary(report_dir, "pretrain", dict(setup=run_setup(device, world_size), params=n_params,
@@ -76,25 +77,32 @@ def read_metrics(path):
 
 
 class MetricsLogger:
-    """Appends one JSON line per logged step to out_dir/metrics.jsonl. resume_step=None: a fresh run, the
+    """Appends one JSON line per logged step to out_dir/metrics.jsonl (and, with wandb=dict(project, name, config),
+    logs the same to Weights & Biases: one call per log point in a stage). resume_step=None: a fresh run, the
     file starts empty; resume_step=s: the run continues from step s, entries after s are dropped (they are
     logged again), the rest is kept. enabled=False (ranks other than 0) writes nothing."""
 
-    def __init__(self, out_dir, resume_step=None, enabled=True, name="metrics.jsonl"):
+    def __init__(self, out_dir, resume_step=None, enabled=True, wandb=None, name="metrics.jsonl"):
         self.path = os.path.join(out_dir, name)
-        self.enabled = enabled
+        self.enabled, self.wandb = enabled, None
         if not enabled:
             return
         kept = [e for e in read_metrics(self.path) if e.get("step", 0) <= resume_step] if resume_step is not None \
             else []
         _atomic_write(self.path, lambda f: f.writelines(json.dumps(e) + "\n" for e in kept))
+        if wandb:  # WANDB_MODE=offline works without a network
+            import wandb as wandb_module
+            wandb_module.init(**wandb)
+            self.wandb = wandb_module
 
     def log(self, step, **metrics):
         if not self.enabled:
             return
-        entry = dict(step=int(step), time=time.time(), **{k: _number(v) for k, v in metrics.items()})
+        metrics = {k: _number(v) for k, v in metrics.items()}
         with open(self.path, "a") as f:
-            f.write(json.dumps(entry) + "\n")
+            f.write(json.dumps(dict(step=int(step), time=time.time(), **metrics)) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=int(step))
 
 
 def run_setup(device=None, world_size=1):
@@ -109,11 +117,13 @@ def run_setup(device=None, world_size=1):
                 git=git_state())
 
 
-def write_summary(report_dir, stage, summary):
+def write_summary(report_dir, stage, summary, out_dir=None):
     """Write report_dir/<stage>.json (replacing an earlier one) and regenerate the report from all summaries.
+    report_dir "" (the stages' default): "report" beside the stage's out_dir (out/sft -> out/report).
     summary: setup, params, tokens, wall_time (seconds), before / after (dicts of metrics), metrics (path of
     the stage's metrics.jsonl), and anything else worth keeping (it is stored, not shown). Returns the
     report's path."""
+    report_dir = report_dir or os.path.join(os.path.dirname(os.path.abspath(out_dir)), "report")
     if not stage or os.sep in stage or stage.startswith(".") or stage == "report":
         raise ValueError(f"stage name {stage!r} must be a plain file name (pretrain, sft, ...), not 'report'")
     summary = dict(stage=stage, written=time.strftime("%Y-%m-%d %H:%M:%S"), **summary)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from lora import check_targets
 from optim import SCHEDULES
+from report import MetricsLogger, run_setup, write_summary
 
 # -----------------------------------------------------------------------------
 # the objective: pure functions of reward tensors
@@ -145,6 +146,7 @@ log_interval = 10
 eval_interval = 100
 ckpt_interval = 100        # save (with optimizer state, for init_from="resume") every this many steps; 0 = at the end
 halt_at_step = -1          # stop early at this step, keeping the schedule (a planned interruption)
+report_dir = ""             # the summary goes into report_dir/<stage>.json and report.md ("": beside out_dir)
 wandb_log = False
 wandb_project = "reward"
 wandb_run_name = "run"
@@ -272,9 +274,8 @@ if __name__ == "__main__":
         f"data {data}: {len(train_set)} train / "
         f"{len(val_set)} val records, {n_resp:.1f} responses each | {steps} steps x {prompts_per_step} "
         f"prompts = {steps * prompts_per_step / len(train_set):.2f} epochs | device {device} x {world_size}")
-    if wandb_log and master:
-        import wandb
-        wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+    wandb = dict(project=wandb_project, name=wandb_run_name, config=config) if wandb_log else None
+    metrics = MetricsLogger(out_dir, start_step if resume else None, enabled=master, wandb=wandb)
 
     def batch_tensors(records):
         """All responses of the records in one batch (best first per record), their group sizes, margins."""
@@ -350,6 +351,7 @@ if __name__ == "__main__":
     last_step = steps if halt_at_step < 0 else min(halt_at_step, steps)
     first_bad = torch.tensor(-1, device=device)  # the first non-finite step (optim.mark_nonfinite)
     t_start = t_log = time.time()
+    n_train_tokens = 0
     window = torch.zeros(5, device=device, dtype=torch.float64)  # loss, tokens, correct pairs, margin sum, pairs
     for step in range(start_step, last_step + 1):
         final = step == last_step
@@ -359,8 +361,7 @@ if __name__ == "__main__":
             log(f"step {step}: val {fmt(m)}")
             if step == 0:
                 m0 = m
-            elif wandb_log and master:
-                wandb.log({f"val/{k}": v for k, v in m.items()}, step=step)
+            metrics.log(step, **{f"val_{k}": v for k, v in m.items()})
             t_log = time.time()  # evaluation time is not training throughput
         if step > start_step and ((ckpt_interval and step % ckpt_interval == 0) or final):
             save(step, m)
@@ -402,9 +403,9 @@ if __name__ == "__main__":
             log(f"step {done}/{steps} | loss {loss_v:.4f} | lr {cur_lr:.2e} | grad_norm {grad_norm.item():.2f} | "
                 f"tok/s {tokens / dt:,.0f} | acc {correct / n_pairs:.3f} | margin {margin_sum / n_pairs:.3f} | "
                 f"eta {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
-            if wandb_log and master:
-                wandb.log({"loss": loss_v, "lr": cur_lr, "grad_norm": grad_norm.item(),
-                           "train/accuracy": correct / n_pairs, "train/margin": margin_sum / n_pairs}, step=done)
+            metrics.log(done, loss=loss_v, lr=cur_lr, grad_norm=grad_norm.item(), accuracy=correct / n_pairs,
+                        margin=margin_sum / n_pairs, tokens_per_sec=tokens / dt)
+            n_train_tokens += tokens
             t_log = time.time()
             window.zero_()
 
@@ -414,4 +415,10 @@ if __name__ == "__main__":
         log(f"halted at step {last_step} (halt_at_step); continue with --init_from=resume --out_dir={out_dir}")
     else:
         log(f"held-out pairwise accuracy {m0['accuracy']:.4f} -> {m['accuracy']:.4f} ({time.time() - t_start:.0f}s)")
+    if master:
+        write_summary(report_dir, "reward", out_dir=out_dir, summary=dict(
+            setup=run_setup(device, world_size), params=sum(p.numel() for p in raw_model.parameters()),
+            trainable=n_train, tokens=int(n_train_tokens), wall_time=time.time() - t_start, steps=last_step,
+            init_from=base_init, ckpt=ckpt_path, before=dict(pair_accuracy=m0["accuracy"], margin=m0["margin"]),
+            after=dict(pair_accuracy=m["accuracy"], margin=m["margin"]), metrics=metrics.path))
     teardown_distributed(ddp)

@@ -40,6 +40,7 @@ from distributed import (check_replicas_identical, fsdp_gathered, grad_sync, par
 from lora import apply_lora, check_targets, lora_modules, merge_lora, merged_model
 from model import Transformer
 from optim import SCHEDULES, configure_optimizer, lr_at, mark_nonfinite, stop_if_nonfinite
+from report import MetricsLogger, run_setup, write_summary
 
 
 def neftune_scale(doc_ids, alpha, dim):
@@ -104,6 +105,7 @@ parallel = "ddp"           # under torchrun: ddp | fsdp
 device = "auto"            # auto | cpu | cuda
 kernels = "auto"           # auto | triton | torch
 compile = False
+report_dir = ""             # the summary goes into report_dir/<stage>.json and report.md ("": beside out_dir)
 wandb_log = False
 wandb_project = "sft"
 wandb_run_name = "sft"
@@ -277,10 +279,8 @@ if __name__ == "__main__":
         log(f"eval step {step} | val_loss {ev['val_loss']:.4f}{acc}")
         for q, a in ev["samples"]:
             log(f"  user: {q[:120]!r}\n  assistant: {a[:200]!r}")
-        if wandb_log and master:
-            wandb.log({"step": step, "val/loss": ev["val_loss"],
-                       **({"val/accuracy": ev["accuracy"]} if "accuracy" in ev else {}),
-                       **{f"val/accuracy_{t}": a for t, a in ev.get("accuracy_per_task", {}).items()}})
+        metrics.log(step, val_loss=ev["val_loss"], **({"val_accuracy": ev["accuracy"]} if "accuracy" in ev else {}),
+                    **{f"val_accuracy_{t}": a for t, a in ev.get("accuracy_per_task", {}).items()})
 
     def save(step, ev):
         """A checkpoint to resume from (optimizer, RNG, step); at the end the result (with merge_lora_on_save, the
@@ -309,9 +309,8 @@ if __name__ == "__main__":
             kind = "full" if lora is None or merge else "adapter-only"
             log(f"saved {kind} checkpoint {ckpt_path} at step {step}")
 
-    if wandb_log and master:
-        import wandb
-        wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+    wandb = dict(project=wandb_project, name=wandb_run_name, config=config) if wandb_log else None
+    metrics = MetricsLogger(out_dir, start_step if resume else None, enabled=master, wandb=wandb)
 
     # -----------------------------------------------------------------------------
     # training loop: evaluate and save at the top of an iteration, so step 0, every interval and the last step
@@ -320,7 +319,7 @@ if __name__ == "__main__":
     last_step = max_steps if halt_at_step < 0 else min(halt_at_step, max_steps)
     first_bad = torch.tensor(-1, device=device)  # the first non-finite step (optim.mark_nonfinite)
     t0 = t_log = time.time()
-    tokens_since_log = 0
+    tokens_since_log = n_train_tokens = 0
     for step in range(start_step, last_step + 1):
         final = step == last_step
         at_eval = step == 0 or (eval_interval and step % eval_interval == 0) or final
@@ -372,6 +371,7 @@ if __name__ == "__main__":
         if cfg.n_experts:
             raw_model.update_moe_bias()
         tokens_since_log += sum(mb["idx"].numel() for mb in micro) * world_size
+        n_train_tokens += sum(mb["idx"].numel() for mb in micro) * world_size
 
         done = step + 1
         if done % log_interval == 0 or done == last_step:
@@ -384,9 +384,8 @@ if __name__ == "__main__":
             log(f"step {done}/{max_steps} | loss {loss:.4f} | lr {optimizer.param_groups[0]['lr']:.2e} | "
                 f"grad_norm {float(grad_norm):.2f} | tok/s {tokens_since_log / (now - t_log):,.0f} | "
                 f"targets/step {int(n_tok):,} | eta {int(eta // 60)}m{int(eta % 60):02d}s")
-            if wandb_log and master:
-                wandb.log({"step": done, "train/loss": loss, "lr": optimizer.param_groups[0]["lr"],
-                           "grad_norm": float(grad_norm), "tok/s": tokens_since_log / (now - t_log)})
+            metrics.log(done, loss=loss, lr=optimizer.param_groups[0]["lr"], grad_norm=float(grad_norm),
+                        tokens_per_sec=tokens_since_log / (now - t_log))
             t_log, tokens_since_log = now, 0
 
     if ddp and parallel == "ddp":
@@ -398,4 +397,12 @@ if __name__ == "__main__":
         for t in ev["accuracy_per_task"]:
             log(f"  {t:8s} {ev0['accuracy_per_task'][t]:6.1%} -> {ev['accuracy_per_task'][t]:6.1%}")
     log(f"done in {time.time() - t0:.0f}s")
+    if master:
+        keys = ("val_loss", "accuracy")
+        write_summary(report_dir, "sft", out_dir=out_dir, summary=dict(
+            setup=run_setup(device, world_size), params=raw_model.num_params(), trainable=n_trainable,
+            tokens=n_train_tokens, wall_time=time.time() - t0, steps=last_step, init_from=base_init, ckpt=ckpt_path,
+            before={k: ev0[k] for k in keys if ev0 and k in ev0}, after={k: ev[k] for k in keys if k in ev},
+            accuracy_per_task=dict(before=(ev0 or {}).get("accuracy_per_task"), after=ev.get("accuracy_per_task")),
+            metrics=metrics.path))
     teardown_distributed(ddp)

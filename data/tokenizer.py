@@ -280,7 +280,14 @@ class Tokenizer:
         return self.enc.encode_ordinary_batch(texts, num_threads=num_threads)
 
     def decode(self, ids):
-        return self.enc.decode(list(ids), errors="replace")
+        """Text of token ids. An id beyond the tokenizer (a model's embedding is often padded past it, and an
+        untrained model can sample those rows) decodes as U+FFFD rather than failing."""
+        ids = list(ids)
+        bad = [j for j, i in enumerate(ids) if i >= self.enc.n_vocab]
+        if bad:  # decode the runs of valid ids between them, so multi-byte characters stay whole
+            cuts = [-1] + bad + [len(ids)]
+            return "\ufffd".join(self.enc.decode(ids[a + 1:b], errors="replace") for a, b in zip(cuts, cuts[1:]))
+        return self.enc.decode(ids, errors="replace")
 
     def decode_reply(self, ids):
         """The text of a generated reply: its tokens up to the first stop token (which is not part of the text)."""
