@@ -1,10 +1,12 @@
 """
-Direct preference optimisation and its relatives: learn from (chosen, rejected) pairs
-without a reward model or sampling.
+Direct preference optimisation and its relatives: learn from (chosen, rejected) pairs, or with KTO
+from unpaired desirable/undesirable examples, without a reward model or sampling.
 
 $ python dpo.py                                    # task pairs from data/tasks.py, from out/sft/ckpt.pt, CPU, minutes
 $ python dpo.py --loss_type=ipo --beta=0.5          # another loss
 $ python dpo.py --data=prefs.jsonl --lora_r=16      # your own pairs (any layout of data/preference.py), LoRA
+$ python dpo.py --loss_type=kto                     # KTO on the task pairs, unpaired
+$ python dpo.py configs/dpo_kto.py                  # KTO on trl-lib/kto-mix-14k (prompt, completion, label)
 $ python dpo.py configs/dpo_ultrafeedback.py        # UltraFeedback-binarized from the hub, one GPU
 $ torchrun --standalone --nproc_per_node=8 dpo.py configs/dpo_ultrafeedback.py
 
@@ -22,8 +24,18 @@ reference-free, with length-normalised log-probs lp = log pi(y) / |y|:
   orpo     -lp_c - orpo_lambda * log sigmoid(log odds_c - log odds_r), odds = e^lp / (1 - e^lp)  (Hong et al. 2024)
 rpo_alpha > 0 adds rpo_alpha * (-lp_c), an NLL term on chosen that keeps its likelihood from falling
 (RPO; the usual fix when logps/chosen fall steadily, which this script warns about). The default is
-1.0 because the embedded task pairs differ in a token or two, where plain DPO lowers both; the hub
-configs set 0.
+1.0 for the pair losses because the embedded task pairs differ in a token or two, where plain DPO
+lowers both; the hub configs set 0.
+unpaired, one completion y with a label, r = log pi(y) - log pi_ref(y) (Ethayarajh et al. 2024):
+  kto      lambda_D - lambda_D sigmoid(beta (r - z0))   for a desirable y
+           lambda_U - lambda_U sigmoid(beta (z0 - r))   for an undesirable y
+           z0, the reference point: a detached estimate of KL(pi || pi_ref) from mismatched pairs, the
+           batch's completions shifted by one against its prompts (as TRL), averaged over ranks,
+           clamped at 0. lambda_D, lambda_U = desirable_weight, undesirable_weight (TRL's names);
+           lambda_D n_D / lambda_U n_U should lie in [1, 4/3] (warned otherwise). Data in TRL's
+           layout (prompt, completion, label), or pairs unpaired: chosen desirable, rejected
+           undesirable (the embedded task pairs too). Logs kl (z0) and the rewards beta r of
+           desirable (rewards/chosen) and undesirable (rewards/rejected) examples, as TRL.
 
 The embedded default trains on (correct, wrong) pairs of data/tasks.py questions: generated wrong
 answers plus the initial policy's own mistakes (greedy and sampled), and reports greedy exact-match
@@ -31,8 +43,9 @@ on held-out questions before and after.
 
 The reference is a frozen second copy of the initial model, or, with LoRA, the same model with
 its adapters disabled (no second copy). precompute_ref_logprobs=True scores every pair under
-the reference once before training, so training holds one model. Chosen and rejected go through
-the model in one concatenated batch. Output: out/dpo/ckpt.pt, a plain language model (LoRA merged).
+the reference once before training, so training holds one model (KTO: also each training batch's
+mismatched pairs, fixed by the seed). Chosen and rejected go through the model in one concatenated
+batch. Output: out/dpo/ckpt.pt, a plain language model (LoRA merged).
 """
 
 import copy
@@ -50,7 +63,7 @@ from optim import SCHEDULES
 # the objectives: pure functions of per-sequence log-prob tensors (B,)
 
 _REFERENCE_FREE = ("simpo", "orpo")
-_LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge") + _REFERENCE_FREE
+_LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge") + _REFERENCE_FREE + ("kto",)
 
 
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1, loss_type="sigmoid",
@@ -114,6 +127,47 @@ def preference_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, le
     return losses, r_c, r_r
 
 
+def kto_loss(policy_logps, ref_logps, desirable, kl, beta=0.1, desirable_weight=1.0, undesirable_weight=1.0):
+    """KTO per-example losses (Ethayarajh et al. 2024, eq. 7; TRL's loss_type="kto") from summed completion
+    log-probs, with r = log pi(y|x) - log pi_ref(y|x) and the reference point z0 = kl (kto_reference_point):
+      desirable    lambda_D - lambda_D * sigmoid(beta (r - z0))
+      undesirable  lambda_U - lambda_U * sigmoid(beta (z0 - r))
+    desirable: (B,) bool. Returns (losses, the implicit rewards beta * r, detached)."""
+    r = policy_logps - ref_logps
+    lam = torch.where(desirable, desirable_weight, undesirable_weight).to(r.dtype)
+    v = lam * torch.sigmoid(torch.where(desirable, beta * (r - kl), beta * (kl - r)))
+    return lam - v, beta * r.detach()
+
+
+def kto_reference_point(policy_kl_logps, ref_kl_logps, all_reduce=None):
+    """z0, KTO's reference point: a detached estimate of KL(pi || pi_ref) = E[log pi(y'|x) - log pi_ref(y'|x)]
+    over mismatched pairs (x, y') (data/preference.mismatched), the mean over every rank's pairs (all_reduce
+    sums a tensor in place across ranks; TRL averages the ranks' means, the same for equal batches), clamped
+    at 0: a KL is never negative, its estimate from a batch can be."""
+    d = (policy_kl_logps - ref_kl_logps).detach().float()
+    total = torch.stack([d.sum(), torch.tensor(float(d.numel()), device=d.device)])
+    if all_reduce is not None:
+        all_reduce(total)
+    return (total[0] / total[1]).clamp(min=0)
+
+
+def kto_weight_warning(n_desirable, n_undesirable, desirable_weight=1.0, undesirable_weight=1.0):
+    """None, or a warning when lambda_D n_D / (lambda_U n_U) lies outside [1, 4/3], the range the KTO paper
+    recommends (TRL warns the same), saying which weights would bring it back."""
+    if not n_desirable or not n_undesirable:
+        return (f"the training data has {n_desirable} desirable and {n_undesirable} undesirable examples: KTO only "
+                f"pushes the policy one way (and z0 has nothing to balance); give examples of both labels")
+    ratio = desirable_weight * n_desirable / (undesirable_weight * n_undesirable)
+    if 1 - 1e-9 <= ratio <= 4 / 3 + 1e-9:
+        return None
+    d_lo = undesirable_weight * n_undesirable / n_desirable
+    u_hi = desirable_weight * n_desirable / n_undesirable
+    return (f"desirable_weight * n_desirable / (undesirable_weight * n_undesirable) = {desirable_weight:g} * "
+            f"{n_desirable} / ({undesirable_weight:g} * {n_undesirable}) = {ratio:.3f} is outside [1, 4/3], the "
+            f"range the KTO paper recommends; set desirable_weight in [{d_lo:.3g}, {4 / 3 * d_lo:.3g}] or "
+            f"undesirable_weight in [{u_hi * 3 / 4:.3g}, {u_hi:.3g}]")
+
+
 def sequence_logps(model, idx, targets):
     """Summed log-prob of each row's target tokens (targets -100 elsewhere: prompt, padding) and their
     count, from the fused per-token loss (the (B, T, vocab) logits are never materialised)."""
@@ -141,20 +195,23 @@ skip_bad = False
 max_records = -1
 max_val_records = 1000
 max_len = -1               # longest prompt + response in tokens (-1: the model's max_seq_len); longer pairs are dropped
-task_pairs = 1000          # "tasks": (correct, wrong) training pairs
+task_pairs = 1000          # "tasks": (correct, wrong) training pairs (kto: each gives a desirable and an
+                           # undesirable example)
 task_val_pairs = 200
 sampled_pairs = 1000       # "tasks": also ask the initial policy this many questions, pair its mistakes with
                            # correct answers
 num_samples = 2            # sampled answers per question, besides the greedy one
 sample_temperature = 1.0
 # objective
-loss_type = "sigmoid"      # sigmoid | robust | ipo | hinge | simpo | orpo
+loss_type = "sigmoid"      # sigmoid | robust | ipo | hinge | simpo | orpo (pairs) | kto (unpaired examples)
 beta = 0.1
 label_smoothing = 0.0      # eps: sigmoid -> cDPO, and the flip rate of loss_type="robust" (0 <= eps < 0.5)
 simpo_gamma = 0.5
 orpo_lambda = 0.1
-rpo_alpha = 1.0            # the task pairs differ in a token or two, where plain DPO lowers chosen too (DPOP/RPO);
-                           # 0: pure DPO
+rpo_alpha = -1.0           # -1: 1.0 for the pair losses, as the task pairs differ in a token or two, where plain DPO
+                           # lowers chosen too (DPOP/RPO); 0 for kto (it has no chosen of a pair). 0: pure DPO
+desirable_weight = 1.0     # kto: lambda_D and lambda_U, the weights of desirable and undesirable examples (TRL's
+undesirable_weight = 1.0   # names); lambda_D n_D / (lambda_U n_U) should be in [1, 4/3]
 precompute_ref_logprobs = False
 # LoRA (lora_r = 0: full fine-tune and a reference copy)
 lora_r = 0
@@ -162,7 +219,7 @@ lora_alpha = 16
 lora_dropout = 0.0
 lora_targets = "all"
 # optimisation
-batch_size = 16            # pairs per micro-batch per rank
+batch_size = 16            # pairs (kto: examples, at least 2) per micro-batch per rank
 grad_accum = 1
 num_epochs = 1.0
 max_steps = -1             # -1: num_epochs over the training pairs
@@ -200,7 +257,8 @@ _choices = dict(loss_type=_LOSS_TYPES, lr_schedule=SCHEDULES, parallel=("ddp", "
 _ranges = dict(val_fraction="(0, 1)", max_records="[1, inf) or -1", max_val_records="[1, inf)",
                max_len="[1, inf) or -1", task_pairs="[1, inf)", task_val_pairs="[1, inf)", sampled_pairs="[0, inf)",
                num_samples="[1, inf)", sample_temperature="(0, inf)", beta="(0, inf)", label_smoothing="[0, 0.5)",
-               simpo_gamma="[0, inf)", orpo_lambda="[0, inf)", rpo_alpha="[0, inf)", lora_r="[0, inf)",
+               simpo_gamma="[0, inf)", orpo_lambda="[0, inf)", rpo_alpha="[0, inf) or -1", desirable_weight="(0, inf)",
+               undesirable_weight="(0, inf)", lora_r="[0, inf)",
                lora_alpha="(0, inf)", lora_dropout="[0, 1)", batch_size="[1, inf)", grad_accum="[1, inf)",
                num_epochs="(0, inf)", max_steps="[1, inf) or -1", lr="(0, inf)", min_lr="[0, inf)",
                warmup_steps="[0, inf)", weight_decay="[0, inf)", beta1="[0, 1)", beta2="[0, 1)", grad_clip="[0, inf)",
@@ -213,7 +271,8 @@ _resume_fixed = ("data", "train_split", "val_data", "val_split", "val_fraction",
                  "seed", "loss_type", "precompute_ref_logprobs", "lora_r", "lora_alpha", "lora_dropout",
                  "lora_targets", "eval_tasks")
 _resume_schedule = ("batch_size", "grad_accum", "num_epochs", "max_steps", "lr", "min_lr", "warmup_steps",
-                    "lr_schedule", "beta", "label_smoothing", "simpo_gamma", "orpo_lambda", "rpo_alpha", "world_size")
+                    "lr_schedule", "beta", "label_smoothing", "simpo_gamma", "orpo_lambda", "rpo_alpha", "world_size",
+                    "desirable_weight", "undesirable_weight")
 
 if __name__ == "__main__":
     from configs import configure
@@ -226,8 +285,9 @@ if __name__ == "__main__":
     from data import tasks
     from data.chat import BadRecord
     from data.records import DataError
-    from data.preference import (as_pairs, encode_records, load_preferences, pad_batch, sampled_task_pairs, split_off,
-                                 task_pairs as make_task_pairs)
+    from data.preference import (as_pairs, encode_records, encode_unpaired, load_preferences, load_unpaired,
+                                 mismatched, pad_batch, sampled_task_pairs, split_off, task_pairs as make_task_pairs,
+                                 unpair)
     from data.tokenizer import get_tokenizer
     from distributed import check_replicas_identical, grad_sync, parallelize, setup_distributed, teardown_distributed
     from lora import apply_lora, lora_disabled, lora_modules, merge_lora
@@ -237,6 +297,20 @@ if __name__ == "__main__":
     if label_smoothing and loss_type not in ("sigmoid", "robust"):
         raise SystemExit(f"config error: label_smoothing={label_smoothing} applies to loss_type 'sigmoid' (cDPO) and "
                          f"'robust' (rDPO) only, not {loss_type!r}")
+    kto = loss_type == "kto"
+    if rpo_alpha < 0:
+        rpo_alpha = 0.0 if kto else 1.0
+    if kto and rpo_alpha:
+        raise SystemExit(f"config error: rpo_alpha={rpo_alpha} is an NLL term on the chosen response of a pair; "
+                         f"loss_type 'kto' has no pairs (its desirable term raises desirable completions itself): "
+                         f"leave rpo_alpha unset, or 0")
+    if kto and batch_size < 2:
+        raise SystemExit(f"config error: loss_type 'kto' needs batch_size >= 2 (got {batch_size}): its reference "
+                         f"point z0 comes from mismatched pairs within a micro-batch, and one example's only "
+                         f"'mismatched' pair is its own")
+    if not kto and (desirable_weight != 1.0 or undesirable_weight != 1.0):
+        raise SystemExit(f"config error: desirable_weight / undesirable_weight ({desirable_weight:g} / "
+                         f"{undesirable_weight:g}) apply to loss_type 'kto' only, not {loss_type!r}")
     ddp, rank, world_size, device, autocast = setup_distributed(device)
     master = rank == 0
     torch.manual_seed(seed)
@@ -303,24 +377,36 @@ if __name__ == "__main__":
                 dist.broadcast_object_list(obj, src=0)
                 sampled = obj[0]
         train_records += sampled or []
+        if kto:  # each (correct, wrong) pair: a desirable and an undesirable example
+            train_records, val_records = unpair(train_records), unpair(val_records)
     else:
+        load = load_unpaired if kto else load_preferences  # kto: TRL's unpaired layout, or pairs unpaired
         try:
-            train_records = load_preferences(data, train_split, skip_bad, None if max_records < 0 else max_records,
-                                             log=log)
+            train_records = load(data, train_split, skip_bad, None if max_records < 0 else max_records, log=log)
             if val_data:
-                val_records = load_preferences(val_data, val_split, skip_bad, max_val_records, log=log)
+                val_records = load(val_data, val_split, skip_bad, max_val_records, log=log)
             else:
                 train_records, val_records = split_off(train_records, val_fraction, seed)
         except (BadRecord, DataError, FileNotFoundError) as e:
             raise SystemExit(f"dpo: {e}")
-    # K ranked responses -> all C(K, 2) pairs
     try:
-        train_set = encode_records(as_pairs(train_records), tok, seq_cap, verbose=master, what="train")
-        val_set = encode_records(as_pairs(val_records)[:max_val_records], tok, seq_cap, verbose=master, what="val")
+        if kto:
+            train_set = encode_unpaired(train_records, tok, seq_cap, verbose=master, what="train")
+            val_set = encode_unpaired(val_records[:max_val_records], tok, seq_cap, verbose=master, what="val")
+        else:  # K ranked responses -> all C(K, 2) pairs
+            train_set = encode_records(as_pairs(train_records), tok, seq_cap, verbose=master, what="train")
+            val_set = encode_records(as_pairs(val_records)[:max_val_records], tok, seq_cap, verbose=master,
+                                     what="val")
     except DataError as e:  # nothing left to train on, and why
         raise SystemExit(f"dpo: {e}")
-    pairs_per_step = batch_size * grad_accum * world_size
-    steps = max_steps if max_steps > 0 else max(1, math.ceil(num_epochs * len(train_set) / pairs_per_step))
+    unit = "examples" if kto else "pairs"
+    per_step = batch_size * grad_accum * world_size
+    steps = max_steps if max_steps > 0 else max(1, math.ceil(num_epochs * len(train_set) / per_step))
+    n_desirable = sum(r["label"] for r in train_set) if kto else 0
+    warning = kto_weight_warning(n_desirable, len(train_set) - n_desirable, desirable_weight,
+                                 undesirable_weight) if kto else None
+    if warning:
+        log(f"warning: {warning}")
 
     lora = dict(targets=lora_targets, r=lora_r, alpha=lora_alpha, dropout=lora_dropout) if lora_r > 0 else None
     if lora and not resume:  # (a resumed LoRA policy comes back with its adapters)
@@ -339,18 +425,26 @@ if __name__ == "__main__":
         model = torch.compile(model)
     ref_kind = ("none (reference-free)" if not needs_ref else "precomputed log-probs" if precompute_ref_logprobs
                 else "adapters off" if lora_r else "frozen copy")
+    balance = (f" ({n_desirable} desirable, {len(train_set) - n_desirable} undesirable; weights "
+               f"{desirable_weight:g} / {undesirable_weight:g})" if kto else "")
     log(f"policy from {init_from}: {raw_model.num_params() / 1e6:.2f}M params, {n_train / 1e6:.2f}M trained"
         f"{f' (LoRA r={lora_r})' if lora_r else ''} | loss {loss_type}, beta {beta} | reference: {ref_kind} | "
-        f"data {data}: {len(train_set)} train / {len(val_set)} val pairs | {steps} steps x "
-        f"{pairs_per_step} pairs = {steps * pairs_per_step / len(train_set):.2f} "
+        f"data {data}: {len(train_set)} train / {len(val_set)} val {unit}{balance} | {steps} steps x "
+        f"{per_step} {unit} = {steps * per_step / len(train_set):.2f} "
         f"epochs | device {device} x {world_size}")
     if wandb_log and master:
         import wandb
         wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 
     def pair_batch(records):
-        """Chosen rows then rejected rows, padded together: one forward for both."""
+        """Chosen rows then rejected rows, padded together: one forward for both (kto: one row per example)."""
+        if kto:
+            return pad_batch([r["tokens"] for r in records], tok.pad_id, device)
         return pad_batch([r["tokens"][0] for r in records] + [r["tokens"][1] for r in records], tok.pad_id, device)
+
+    def kl_batch(records):
+        """kto: the batch's mismatched pairs, each prompt with the completion before it (data/preference.py)."""
+        return pad_batch(mismatched(records, seq_cap), tok.pad_id, device)
 
     @torch.no_grad()
     def reference_logps(idx, targets):
@@ -363,9 +457,28 @@ if __name__ == "__main__":
         raw_model.train(was_training)
         return out
 
+    perms = {}
+
+    def train_ids_at(step, micro):
+        first = ((step * grad_accum + micro) * world_size + rank) * batch_size
+        out = []
+        for g in range(first, first + batch_size):
+            epoch, i = divmod(g, len(train_set))
+            if epoch not in perms:
+                perms.clear()
+                perms[epoch] = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed + epoch))
+            out.append(int(perms[epoch][i]))
+        return out
+
+    def val_ids(it):
+        """This rank's validation records at evaluation iteration it (every rank runs the same iterations)."""
+        lo = it * batch_size * world_size + rank * batch_size
+        return list(range(lo, min(lo + batch_size, len(val_set))))
+
     def precompute(records):
-        """(N, 2) reference log-probs of chosen and rejected, split across ranks, summed back together."""
-        out = torch.zeros(len(records), 2, device=device)
+        """(N, 2) reference log-probs of chosen and rejected (kto: (N, 1)), split across ranks, summed back."""
+        k = 1 if kto else 2
+        out = torch.zeros(len(records), k, device=device)
         raw_model.eval()
         per_iter = batch_size * world_size
         for it in range(math.ceil(len(records) / per_iter)):  # the same count on every rank (FSDP needs it)
@@ -375,19 +488,35 @@ if __name__ == "__main__":
             with autocast:
                 lp = reference_logps(idx, targets)
             if recs:
-                out[lo:lo + len(recs)] = lp.view(2, -1).t()[:len(recs)]
+                out[lo:lo + len(recs)] = lp.view(k, -1).t()[:len(recs)]
         if ddp:
             dist.all_reduce(out)
         raw_model.train()
         return out
 
+    def precompute_kl(batches):
+        """kto: the reference log-probs of each batch's mismatched pairs, which depend on the whole batch (fixed
+        by the seed): one forward per batch this rank will see."""
+        raw_model.eval()
+        with autocast:
+            out = {key: reference_logps(*kl_batch(recs)[:2]) for key, recs in batches}
+        raw_model.train()
+        return out
+
+    train_kl_ref = val_kl_ref = None
     if needs_ref and precompute_ref_logprobs:
         t0 = time.time()
         train_ref, val_ref = precompute(train_set), precompute(val_set)
+        if kto:
+            train_kl_ref = precompute_kl(((st, m), [train_set[i] for i in train_ids_at(st, m)])
+                                         for st in range(start_step, steps) for m in range(grad_accum))
+            val_kl_ref = precompute_kl((it, [val_set[i] for i in val_ids(it) or [0]])
+                                       for it in range(math.ceil(len(val_set) / (batch_size * world_size))))
         ref_model = None  # (held on resume, to precompute from the initial policy)
-        log(f"precomputed reference log-probs of {len(train_set) + len(val_set)} pairs in {time.time() - t0:.0f}s")
+        log(f"precomputed reference log-probs of {len(train_set) + len(val_set)} {unit}"
+            f"{' and of every batch of mismatched pairs' if kto else ''} in {time.time() - t0:.0f}s")
 
-    def forward_pairs(records, ids, ref_table):
+    def forward_pairs(records, ids, ref_table, kl_ref=None, n_real=None):
         """Per-pair losses and stats for a batch of records (ids: their positions, for precomputed refs)."""
         idx, targets, _ = pair_batch(records)
         B = len(records)
@@ -407,35 +536,52 @@ if __name__ == "__main__":
                              torch.tensor(float(B), device=device)])
         return losses, stats, (idx != tok.pad_id).sum()
 
+    def forward_examples(records, ids, ref_table, kl_ref=None, n_real=None):
+        """kto: per-example losses and stats for a batch of records. kl_ref: precomputed reference log-probs of
+        the batch's mismatched pairs; n_real: how many records are real (a rank with no validation records left
+        runs a stand-in batch, which must not count in z0)."""
+        idx, targets, _ = pair_batch(records)
+        kl_idx, kl_targets, _ = kl_batch(records)
+        B = len(records)
+        n_real = B if n_real is None else n_real
+        ref = ref_table[ids, 0] if ref_table is not None else reference_logps(idx, targets)
+        ref_kl = kl_ref if kl_ref is not None else reference_logps(kl_idx, kl_targets)
+        # z0 is detached: the mismatched pairs go through the policy without a graph (as TRL), and before the matched
+        # ones, as the MoE balancing loss is read from the last forward
+        with torch.no_grad():
+            policy_kl = sequence_logps(model, kl_idx, kl_targets)[0]
+        z0 = kto_reference_point(policy_kl[:n_real], ref_kl[:n_real], dist.all_reduce if ddp else None)
+        logps, _ = sequence_logps(model, idx, targets)
+        desirable = torch.tensor([r["label"] for r in records], device=device)
+        losses, rewards = kto_loss(logps, ref, desirable, z0, beta, desirable_weight, undesirable_weight)
+        d, u, lp = desirable.float(), (~desirable).float(), logps.detach()
+        stats = torch.stack([losses.detach().sum(), z0 * B, (rewards * d).sum(), (rewards * u).sum(), (lp * d).sum(),
+                             (lp * u).sum(), d.sum(), u.sum(), torch.tensor(float(B), device=device)])
+        return losses, stats, (idx != tok.pad_id).sum()
+
+    forward = forward_examples if kto else forward_pairs
+    n_stats = 9 if kto else 8
     STAT_NAMES = ("loss", "rewards/chosen", "rewards/rejected", "margins", "accuracy", "logps/chosen", "logps/rejected")
 
     def summarise(stats):
-        return {k: (stats[i] / stats[-1]).item() for i, k in enumerate(STAT_NAMES)}
-
-    perms = {}
-
-    def train_ids_at(step, micro):
-        first = ((step * grad_accum + micro) * world_size + rank) * batch_size
-        out = []
-        for g in range(first, first + batch_size):
-            epoch, i = divmod(g, len(train_set))
-            if epoch not in perms:
-                perms.clear()
-                perms[epoch] = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed + epoch))
-            out.append(int(perms[epoch][i]))
-        return out
+        if not kto:
+            return {k: (stats[i] / stats[-1]).item() for i, k in enumerate(STAT_NAMES)}
+        # kto: TRL's names, chosen = desirable and rejected = undesirable, each averaged over its own examples
+        loss, kl, r_d, r_u, lp_d, lp_u, n_d, n_u, n = stats.tolist()
+        n_d, n_u = n_d or float("nan"), n_u or float("nan")  # no example of a label since the last log: nan
+        return {"loss": loss / n, "kl": kl / n, "rewards/chosen": r_d / n_d, "rewards/rejected": r_u / n_u,
+                "margins": r_d / n_d - r_u / n_u, "logps/chosen": lp_d / n_d, "logps/rejected": lp_u / n_u}
 
     @torch.no_grad()
     def evaluate_pairs():
         model.eval()
-        total = torch.zeros(8, device=device)
-        per_iter = batch_size * world_size
-        for it in range(math.ceil(len(val_set) / per_iter)):
-            lo = it * per_iter + rank * batch_size
-            ids = list(range(lo, min(lo + batch_size, len(val_set))))
+        total = torch.zeros(n_stats, device=device)
+        for it in range(math.ceil(len(val_set) / (batch_size * world_size))):
+            ids = val_ids(it)
             with autocast:
-                _, stats, _ = forward_pairs([val_set[i] for i in ids or [0]], torch.tensor(ids or [0], device=device),
-                                            val_ref if needs_ref and precompute_ref_logprobs else None)
+                _, stats, _ = forward([val_set[i] for i in ids or [0]], torch.tensor(ids or [0], device=device),
+                                      val_ref if needs_ref and precompute_ref_logprobs else None,
+                                      val_kl_ref[it] if val_kl_ref is not None else None, n_real=len(ids))
             total += stats * (1.0 if ids else 0.0)
         if ddp:
             dist.all_reduce(total)
@@ -478,7 +624,8 @@ if __name__ == "__main__":
     last_step = steps if halt_at_step < 0 else min(halt_at_step, steps)
     first_bad = torch.tensor(-1, device=device)  # the first non-finite step (optim.mark_nonfinite)
     t_start = t_log = time.time()
-    tokens, window, chosen_history, warned = torch.zeros((), device=device), torch.zeros(8, device=device), [], False
+    tokens, window = torch.zeros((), device=device), torch.zeros(n_stats, device=device)
+    chosen_history, warned = [], False
     acc_after = None
     for step in range(start_step, last_step + 1):
         final = step == last_step
@@ -510,8 +657,9 @@ if __name__ == "__main__":
         for micro in range(grad_accum):
             ids = train_ids_at(step, micro)
             with grad_sync(model, micro == grad_accum - 1), autocast:
-                losses, stats, n_tok = forward_pairs([train_set[i] for i in ids], torch.tensor(ids, device=device),
-                                                     train_ref if needs_ref and precompute_ref_logprobs else None)
+                losses, stats, n_tok = forward([train_set[i] for i in ids], torch.tensor(ids, device=device),
+                                               train_ref if needs_ref and precompute_ref_logprobs else None,
+                                               train_kl_ref[step, micro] if train_kl_ref is not None else None)
                 loss = losses.mean()
                 aux = raw_model.moe_aux_loss()  # the per-token log-probs carry no balancing loss: add it here
                 if aux is not None and cfg.moe_aux_loss_coef > 0:
@@ -533,26 +681,27 @@ if __name__ == "__main__":
             s = summarise(window)
             dt = time.time() - t_log
             eta = (last_step - done) * (time.time() - t_start) / (done - start_step)
-            # logged loss: the mean over the pairs of every rank since the last log
+            # logged loss: the mean over the pairs (examples) of every rank since the last log
             log(f"step {done}/{steps} | loss {s['loss']:.4f} | lr {cur_lr:.2e} | grad_norm {grad_norm.item():.2f} | "
-                f"tok/s {tokens.item() * world_size / dt:,.0f} | rewards/chosen {s['rewards/chosen']:.3f} | "
-                f"rewards/rejected {s['rewards/rejected']:.3f} | margins {s['margins']:.3f} | "
-                f"accuracy {s['accuracy']:.3f} | logps/chosen {s['logps/chosen']:.2f} | "
-                f"logps/rejected {s['logps/rejected']:.2f} | eta {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
+                f"tok/s {tokens.item() * world_size / dt:,.0f} | " + (f"kl {s['kl']:.4f} | " if kto else "") +
+                f"rewards/chosen {s['rewards/chosen']:.3f} | rewards/rejected {s['rewards/rejected']:.3f} | "
+                f"margins {s['margins']:.3f} | " + ("" if kto else f"accuracy {s['accuracy']:.3f} | ") +
+                f"logps/chosen {s['logps/chosen']:.2f} | logps/rejected {s['logps/rejected']:.2f} | "
+                f"eta {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
             chosen_history.append(s["logps/chosen"])
             if falling_streak(chosen_history, logp_warn_window):
                 if not warned:
                     log(f"warning: logps/chosen fell at {logp_warn_window} consecutive logs "
                         f"({chosen_history[-logp_warn_window]:.2f} -> {chosen_history[-1]:.2f}): the policy is "
-                        f"pushing chosen responses down along with rejected ones. Consider rpo_alpha=1.0 (an NLL "
-                        f"term on chosen), a lower lr or a larger beta.")
+                        f"pushing chosen responses down along with rejected ones. Consider "
+                        + ("" if kto else "rpo_alpha=1.0 (an NLL term on chosen), ") + "a lower lr or a larger beta.")
                 warned = True
             else:
                 warned = False
             if wandb_log and master:
                 wandb.log({"loss": s["loss"], "lr": cur_lr, "grad_norm": grad_norm.item(),
                            **{f"train/{k}": v for k, v in s.items()}}, step=done)
-            t_log, tokens, window = time.time(), torch.zeros((), device=device), torch.zeros(8, device=device)
+            t_log, tokens, window = time.time(), torch.zeros((), device=device), torch.zeros(n_stats, device=device)
 
     if ddp and parallel == "ddp":
         log(f"parameters identical on all {check_replicas_identical(model)} ranks")

@@ -18,7 +18,17 @@ Layouts read (field names as published):
                        transcripts that differ only in the last assistant turn, split there
   ranked               {"prompt": str | [msgs], "responses": [str | assistant msg, ...],
                         "scores": [float, ...] (optional; without it the list is taken as best first)}
-"messages" is accepted in place of "prompt". Sources: a local .json / .jsonl / .parquet file or a
+"messages" is accepted in place of "prompt".
+
+KTO (dpo.py --loss_type=kto) learns from unpaired examples instead, one completion with a binary label,
+normalised to dict(prompt=[msgs], completion=str, label=bool) (TRL's unpaired preference layout):
+
+  TRL, standard        {"prompt": str, "completion": str, "label": bool}
+  TRL, conversational  {"prompt": [msgs], "completion": [assistant msg], "label": bool}
+
+label true is a desirable completion, false an undesirable one. load_unpaired also reads every paired
+layout above and unpairs it as TRL's unpair_preference_dataset does: chosen desirable, rejected undesirable.
+Sources: a local .json / .jsonl / .parquet file or a
 dataset directory, or a Hugging Face hub name (needs the network), all read by data/records.py;
 "tasks" is the bundled default, pairs generated from data/tasks.py.
 
@@ -260,6 +270,125 @@ def as_pairs(records):
                 s = r["scores"]
                 out.append({**r, "responses": [r["responses"][i], r["responses"][j]],
                             "scores": None if s is None else [s[i], s[j]]})
+    return out
+
+
+# -----------------------------------------------------------------------------
+# unpaired examples (KTO)
+
+def normalize_unpaired(rec):
+    """One record in TRL's unpaired layout -> dict(prompt, completion, label). Raises BadRecord. The completion
+    may be text, one assistant message, or a conversation ending in one that starts with the prompt (or, without
+    a prompt field, that carries the prompt: its messages before the reply)."""
+    if not isinstance(rec, dict):
+        raise BadRecord(f"expected a JSON object, got {type(rec).__name__}")
+    if rec.get("completion") is None:
+        raise BadRecord(f"an unpaired example needs 'completion' (and 'prompt', 'label'); "
+                        f"keys: {sorted(k for k, v in rec.items() if v is not None)}")
+    label = rec.get("label")
+    if not isinstance(label, bool):  # 0/1 or "yes" could be a score or a typo: say which convention is meant
+        raise BadRecord(f"'label' must be true (a desirable completion) or false (an undesirable one), got "
+                        f"{label!r:.50}")
+    context, completion = _split_response(rec["completion"], "completion")
+    prompt = rec.get("prompt") if rec.get("prompt") is not None else rec.get("messages")
+    if prompt is not None:
+        prompt = _messages(prompt, "prompt")
+        if context and context != prompt:
+            raise BadRecord("the conversation in 'completion' does not start with the prompt")
+    else:
+        prompt = context
+    if not prompt:
+        raise BadRecord("has no prompt (no 'prompt'/'messages' field and no context before the completion)")
+    try:
+        validate_messages(prompt + [{"role": "assistant", "content": completion}])
+    except BadRecord as e:
+        raise BadRecord(f"prompt + 'completion' is not a valid conversation: {e}") from None
+    return dict(prompt=prompt, completion=completion, label=label)
+
+
+def unpair(records):
+    """Preference records (normalize_record's) -> unpaired examples, as TRL's unpair_preference_dataset: the
+    chosen (best) response desirable, the rejected (worst) one undesirable. A ranking's middle responses are
+    neither, and are left out; records keep their other keys (the task example of the embedded default)."""
+    out = []
+    for r in records:
+        extra = {k: v for k, v in r.items() if k not in ("prompt", "responses", "scores", "tokens")}
+        out.append({**extra, "prompt": r["prompt"], "completion": r["responses"][0], "label": True})
+        out.append({**extra, "prompt": r["prompt"], "completion": r["responses"][-1], "label": False})
+    return out
+
+
+def _parse_unpaired(rec):
+    """A record of either kind -> (unpaired examples, 1 if it is a preference record whose best and worst
+    responses tie (no preference: nothing to unpair), else 0)."""
+    if isinstance(rec, dict) and (rec.get("completion") is not None or rec.get("label") is not None):
+        return [normalize_unpaired(rec)], 0
+    r = normalize_record(rec)
+    if r["scores"] is not None and r["scores"][0] == r["scores"][-1]:
+        return [], 1
+    return unpair([r]), 0
+
+
+def load_unpaired(source, split="train", skip_bad=False, max_records=None, log=print, return_counts=False):
+    """Unpaired examples (dict(prompt, completion, label)) from local files or a hub dataset: records in TRL's
+    unpaired layout, and preference records of any layout above, unpaired (unpair; a record whose responses all
+    tie is no preference, and is dropped and counted). Errors and skip_bad as load_preferences; max_records
+    counts examples. return_counts=True also returns dict(read, skipped, tied, records, desirable, undesirable)."""
+    counts = {}
+    out, n_tied = [], 0
+    for examples, tied in read_records(iter_records(source, split=split), _parse_unpaired, skip_bad, counts):
+        out += examples
+        n_tied += tied
+        if max_records is not None and len(out) >= max_records:
+            out = out[:max_records]
+            break
+    n_desirable = sum(e["label"] for e in out)
+    counts.update(tied=n_tied, records=len(out), desirable=n_desirable, undesirable=len(out) - n_desirable)
+    if counts["skipped"]:
+        log(f"skipped {counts['skipped']} malformed record(s) of {counts['read']} in {source} (skip_bad=True)")
+    if n_tied:
+        log(f"dropped {n_tied} preference record(s) in {source} whose responses all have equal scores: "
+            f"no preference, so neither desirable nor undesirable")
+    if not out:
+        raise DataError(f"{source}: no usable unpaired examples ({counts['read']} read, {counts['skipped']} "
+                        f"malformed and skipped, {n_tied} tied record(s) dropped)")
+    return (out, counts) if return_counts else out
+
+
+def encode_unpaired(examples, tokenizer, max_len, verbose=True, what="unpaired data"):
+    """Tokenise each unpaired example: adds "tokens" = (ids, mask) of prompt + completion (as encode_response)
+    and "n_prompt", where the completion starts (the prompt with its generation prompt; mismatched splices
+    there). Examples longer than max_len are dropped and counted."""
+    if not examples:
+        raise DataError(f"{what}: no unpaired examples to encode")
+    out, dropped = [], 0
+    for e in examples:
+        ids, mask, _ = encode_response(e["prompt"], e["completion"], tokenizer)
+        if len(ids) > max_len:
+            dropped += 1
+            continue
+        n_prompt = len(render(e["prompt"], tokenizer, add_generation_prompt=True)[0])
+        out.append({**e, "tokens": (ids, mask), "n_prompt": n_prompt})
+    if dropped and verbose:
+        print(f"{what}: dropped {dropped} of {len(examples)} examples longer than {max_len} tokens")
+    if not out:
+        raise DataError(f"{what}: all {len(examples)} example(s) are longer than max_len={max_len} tokens; raise "
+                        f"max_len (up to the model's max_seq_len) or shorten the data")
+    return out
+
+
+def mismatched(examples, max_len):
+    """KTO's mismatched (prompt, completion) pairs, made as TRL makes them: the completions of a batch shifted by
+    one, so example i's prompt meets example i-1's completion (x_1 y_n, x_2 y_1, ..., x_n y_{n-1}); the
+    completions are the batch's own, with other prompts. Spliced token-wise (prompt ids + completion ids, both
+    from encode_unpaired) and cut at max_len tokens. Returns [(ids, mask)] for pad_batch. One example is its
+    own mismatched pair (dpo.py needs batches of 2 or more)."""
+    out = []
+    for i, e in enumerate(examples):
+        other = examples[i - 1]
+        (ids, _), n = e["tokens"], e["n_prompt"]
+        (ids_c, mask_c), m = other["tokens"], other["n_prompt"]
+        out.append(((ids[:n] + ids_c[m:])[:max_len], ([0] * n + mask_c[m:])[:max_len]))
     return out
 
 

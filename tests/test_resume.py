@@ -17,11 +17,17 @@ STAGES = {
     # on-policy pairs sampled from the initial policy: saved with the checkpoint, not resampled
     "dpo": ["dpo.py", "--task_pairs=32", "--task_val_pairs=8", "--sampled_pairs=8", "--num_samples=2",
             "--eval_tasks=0", "--batch_size=4", "--max_steps=6", "--eval_interval=100", "--kernels=torch"],
+    # KTO: unpaired task examples, mismatched pairs of each batch for z0, with the reference precomputed again on
+    # resume (the mismatched pairs of the batches still to come)
+    "dpo_kto": ["dpo.py", "--loss_type=kto", "--task_pairs=16", "--task_val_pairs=4", "--sampled_pairs=4",
+                "--num_samples=1", "--eval_tasks=0", "--batch_size=4", "--max_steps=6", "--eval_interval=100",
+                "--precompute_ref_logprobs=True", "--lr=1e-3", "--kernels=torch"],
     # dynamic sampling (each rank's place in its prompt stream), the sampling generator, a reloaded reference
     "grpo": ["grpo.py", "configs/grpo_tiny.py", "--max_steps=4", "--dynamic_sampling=True", "--beta=0.1",
              "--num_iterations=2"],
 }
-HALT = {"sft": 3, "sft_lora": 3, "reward": 3, "dpo": 3, "grpo": 2}
+HALT = {"sft": 3, "sft_lora": 3, "reward": 3, "dpo": 3, "grpo": 2,
+        "dpo_kto": 3}
 TIMING = re.compile(r"(gen )?tok/s [\d,.]+|eta \d+m\d+s|\(\d+s\)")
 
 
