@@ -58,6 +58,7 @@ import torch.nn.functional as F
 
 from lora import check_targets
 from optim import SCHEDULES
+from report import MetricsLogger, run_setup, write_summary
 
 # -----------------------------------------------------------------------------
 # the objectives: pure functions of per-sequence log-prob tensors (B,)
@@ -237,6 +238,8 @@ compile = False
 activation_checkpointing = False
 device = "auto"
 kernels = "auto"
+dtype = "auto"             # weights: auto (as stored, fp32 on the CPU: HF bf16 stays bf16 on CUDA) | float32 |
+                           # bfloat16
 # logging, eval
 log_interval = 10
 eval_interval = 100
@@ -245,6 +248,7 @@ eval_max_new_tokens = 24
 logp_warn_window = 5       # warn when logps/chosen fell at this many consecutive logs
 ckpt_interval = 100        # save (with optimizer state, for init_from="resume") every this many steps; 0 = at the end
 halt_at_step = -1          # stop early at this step, keeping the schedule (a planned interruption)
+report_dir = ""             # the summary goes into report_dir/<stage>.json and report.md ("": beside out_dir)
 wandb_log = False
 wandb_project = "dpo"
 wandb_run_name = "run"
@@ -252,7 +256,7 @@ wandb_run_name = "run"
 
 # what the configurator accepts (checked before any work is done)
 _choices = dict(loss_type=_LOSS_TYPES, lr_schedule=SCHEDULES, parallel=("ddp", "fsdp"), device=("auto", "cpu", "cuda"),
-                kernels=("auto", "triton", "torch"),
+                kernels=("auto", "triton", "torch"), dtype=("auto", "float32", "bfloat16"),
                 lora_targets=check_targets)
 _ranges = dict(val_fraction="(0, 1)", max_records="[1, inf) or -1", max_val_records="[1, inf)",
                max_len="[1, inf) or -1", task_pairs="[1, inf)", task_val_pairs="[1, inf)", sampled_pairs="[0, inf)",
@@ -326,7 +330,8 @@ if __name__ == "__main__":
         raise SystemExit(f"init_from={source} not found: run `python sft.py` first, "
                          f"or point --init_from at a language-model checkpoint")
     try:
-        policy, ckpt = load_model(source, kernels=kernels, dropout=0.0)
+        wdtype = None if dtype == "auto" else getattr(torch, dtype)
+        policy, ckpt = load_model(source, kernels=kernels, dropout=0.0, dtype=wdtype)
         tok_name = ckpt["tokenizer"]
         tok = get_tokenizer(tok_name)
         check_vocab(policy, tok, source)
@@ -339,7 +344,8 @@ if __name__ == "__main__":
             if ckpt["init_fingerprint"] != fingerprint(base_init):
                 raise SystemExit(f"dpo: cannot resume {ckpt_path}: its reference, the initial policy {base_init}, "
                                  f"has changed since the run started (fingerprint mismatch); restore it")
-            reference, _ = load_model(base_init, kernels=kernels, dropout=0.0) if lora_r == 0 else (None, None)
+            reference, _ = (load_model(base_init, kernels=kernels, dropout=0.0, dtype=wdtype) if lora_r == 0
+                            else (None, None))
         else:
             base_init, start_step, sampled, reference = os.path.abspath(init_from), 0, None, policy
     except ValueError as e:  # e.g. a reward model where a language model is needed, a corrupt file
@@ -432,9 +438,8 @@ if __name__ == "__main__":
         f"data {data}: {len(train_set)} train / {len(val_set)} val {unit}{balance} | {steps} steps x "
         f"{per_step} {unit} = {steps * per_step / len(train_set):.2f} "
         f"epochs | device {device} x {world_size}")
-    if wandb_log and master:
-        import wandb
-        wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+    wandb = dict(project=wandb_project, name=wandb_run_name, config=config) if wandb_log else None
+    metrics = MetricsLogger(out_dir, start_step if resume else None, enabled=master, wandb=wandb)
 
     def pair_batch(records):
         """Chosen rows then rejected rows, padded together: one forward for both (kto: one row per example)."""
@@ -624,6 +629,7 @@ if __name__ == "__main__":
     last_step = steps if halt_at_step < 0 else min(halt_at_step, steps)
     first_bad = torch.tensor(-1, device=device)  # the first non-finite step (optim.mark_nonfinite)
     t_start = t_log = time.time()
+    n_train_tokens = 0
     tokens, window = torch.zeros((), device=device), torch.zeros(n_stats, device=device)
     chosen_history, warned = [], False
     acc_after = None
@@ -642,8 +648,8 @@ if __name__ == "__main__":
             stop_if_nonfinite(first_bad, ckpt_path=ckpt_path)
             v = evaluate_pairs()
             log(f"step {step}: val {fmt_stats(v)}")
-            if step > 0 and wandb_log and master:
-                wandb.log({f"val/{k}": x for k, x in v.items()}, step=step)
+            metrics.log(step, **{f"val_{k.replace('/', '_')}": x for k, x in v.items()},
+                        **({"val_task_accuracy": acc[0]} if (step == 0 or final) and acc else {}))
             t_log = time.time()  # evaluation time is not training throughput
         if step > start_step and ((ckpt_interval and step % ckpt_interval == 0) or final):
             save(step)
@@ -698,9 +704,9 @@ if __name__ == "__main__":
                 warned = True
             else:
                 warned = False
-            if wandb_log and master:
-                wandb.log({"loss": s["loss"], "lr": cur_lr, "grad_norm": grad_norm.item(),
-                           **{f"train/{k}": v for k, v in s.items()}}, step=done)
+            metrics.log(done, lr=cur_lr, grad_norm=grad_norm.item(), tokens_per_sec=tokens.item() * world_size / dt,
+                        **{k.replace("/", "_"): v for k, v in s.items()})
+            n_train_tokens += tokens.item() * world_size
             t_log, tokens, window = time.time(), torch.zeros((), device=device), torch.zeros(n_stats, device=device)
 
     if ddp and parallel == "ddp":
@@ -709,4 +715,13 @@ if __name__ == "__main__":
         log(f"halted at step {last_step} (halt_at_step); continue with --init_from=resume --out_dir={out_dir}")
     elif acc_before and acc_after:
         log(f"task exact-match {acc_before[0]:.3f} -> {acc_after[0]:.3f} ({time.time() - t_start:.0f}s)")
+    if master:
+        pair_metric = "accuracy" if "accuracy" in v else "margins"
+        write_summary(report_dir, "dpo", out_dir=out_dir, summary=dict(
+            setup=run_setup(device, world_size), params=raw_model.num_params(), trainable=n_train,
+            tokens=int(n_train_tokens), wall_time=time.time() - t_start, steps=last_step, init_from=base_init,
+            ckpt=ckpt_path, loss_type=loss_type,
+            before=dict(task_accuracy=acc_before[0] if acc_before else None),
+            after={"task_accuracy": acc_after[0] if acc_after else None, f"val_{pair_metric}": v[pair_metric]},
+            metrics=metrics.path))
     teardown_distributed(ddp)

@@ -141,6 +141,8 @@ compile = False
 activation_checkpointing = False
 device = "auto"            # "auto" | "cpu" | "cuda"
 kernels = "auto"
+dtype = "auto"             # weights: auto (as stored, fp32 on the CPU: HF bf16 stays bf16 on CUDA) | float32 |
+                           # bfloat16
 # logging, checkpoints
 log_interval = 10
 eval_interval = 100
@@ -154,7 +156,7 @@ wandb_run_name = "run"
 
 # what the configurator accepts (checked before any work is done)
 _choices = dict(lr_schedule=SCHEDULES, parallel=("ddp", "fsdp"), device=("auto", "cpu", "cuda"),
-                kernels=("auto", "triton", "torch"),
+                kernels=("auto", "triton", "torch"), dtype=("auto", "float32", "bfloat16"),
                 lora_targets=check_targets)
 _ranges = dict(val_fraction="(0, 1)", max_records="[1, inf) or -1", max_val_records="[1, inf)",
                max_len="[1, inf) or -1", task_pairs="[1, inf)", task_val_pairs="[1, inf)", sampled_pairs="[0, inf)",
@@ -203,7 +205,8 @@ if __name__ == "__main__":
         raise SystemExit(f"init_from={source} not found: run `python pretrain.py` then `python sft.py` first, "
                          f"or point --init_from at a language-model checkpoint")
     try:  # resuming: the reward model itself (LoRA adapters unmerged); else the language model it starts from
-        lm, ckpt = load_model(source, kind="reward" if resume else "lm", kernels=kernels)
+        lm, ckpt = load_model(source, kind="reward" if resume else "lm", kernels=kernels,
+                              dtype=None if dtype == "auto" else getattr(torch, dtype))
         tok_name = ckpt["tokenizer"]
         tok = get_tokenizer(tok_name)
         check_vocab(lm, tok, source)

@@ -104,6 +104,8 @@ seed = 1337
 parallel = "ddp"           # under torchrun: ddp | fsdp
 device = "auto"            # auto | cpu | cuda
 kernels = "auto"           # auto | triton | torch
+dtype = "auto"             # weights: auto (as stored, fp32 on the CPU: HF bf16 stays bf16 on CUDA) | float32 |
+                           # bfloat16
 compile = False
 report_dir = ""             # the summary goes into report_dir/<stage>.json and report.md ("": beside out_dir)
 wandb_log = False
@@ -111,7 +113,7 @@ wandb_project = "sft"
 wandb_run_name = "sft"
 # what the configurator accepts (checked before any work is done)
 _choices = dict(lr_schedule=SCHEDULES, parallel=("ddp", "fsdp"), device=("auto", "cpu", "cuda"),
-                kernels=("auto", "triton", "torch"),
+                kernels=("auto", "triton", "torch"), dtype=("auto", "float32", "bfloat16"),
                 lora_targets=check_targets)
 _ranges = dict(n_train="[1, inf)", val_size="[0, inf)", max_seq_len="[1, inf) or 0", batch_size="[1, inf)",
                grad_accum="[1, inf)", max_steps="[1, inf)", lr="(0, inf)", min_lr="[0, inf)", warmup_steps="[0, inf)",
@@ -148,7 +150,8 @@ if __name__ == "__main__":
         hint = "python pretrain.py" if init_from == "out/pretrain/ckpt.pt" else "the stage that writes it"
         raise SystemExit(f"sft: init checkpoint {source} not found. Run `{hint}` first, or pass --init_from=PATH.")
     try:
-        model, ckpt = load_model(source, "cpu", kernels=kernels)
+        model, ckpt = load_model(source, device, kernels=kernels,
+                                 dtype=None if dtype == "auto" else getattr(torch, dtype))
         tok = get_tokenizer(ckpt["tokenizer"])
         check_vocab(model, tok, source)
     except ValueError as e:  # a reward model, a corrupt file, adapters whose base changed, ...
