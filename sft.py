@@ -32,7 +32,7 @@ from dataclasses import asdict
 import torch
 import torch.distributed as dist
 
-from checkpoint import (check_vocab, check_writable, checkpoint_dict, fingerprint, git_state, load_model,
+from checkpoint import (check_vocab, check_writable, checkpoint_dict, fingerprint, git_state, is_hf_source, load_model,
                         load_optimizer_state, model_state_dict, optimizer_state_dict, restore_rng_states, rng_states,
                         save_checkpoint)
 from distributed import (check_replicas_identical, fsdp_gathered, grad_sync, parallelize, setup_distributed,
@@ -149,8 +149,10 @@ if __name__ == "__main__":
     if not os.path.exists(source):
         hint = "python pretrain.py" if init_from == "out/pretrain/ckpt.pt" else "the stage that writes it"
         raise SystemExit(f"sft: init checkpoint {source} not found. Run `{hint}` first, or pass --init_from=PATH.")
+    # full fine-tuning of an HF model under FSDP2: shard on the meta device and read each rank's rows only
+    shard_at_load = ddp and parallel == "fsdp" and lora_r == 0 and not resume and is_hf_source(init_from)
     try:
-        model, ckpt = load_model(source, device, kernels=kernels,
+        model, ckpt = load_model(source, device, kernels=kernels, fsdp=shard_at_load,
                                  dtype=None if dtype == "auto" else getattr(torch, dtype))
         tok = get_tokenizer(ckpt["tokenizer"])
         check_vocab(model, tok, source)
@@ -227,7 +229,8 @@ if __name__ == "__main__":
 
     # -----------------------------------------------------------------------------
     # training setup
-    model = parallelize(model, parallel if ddp else "none", device)
+    if not shard_at_load:
+        model = parallelize(model, parallel if ddp else "none", device)
     # after parallelize: FSDP2 replaces the parameters with sharded ones, which the optimizer must hold
     optimizer = configure_optimizer(model, lr, weight_decay, (beta1, beta2), adam_eps, device.type)
     if resume:

@@ -72,3 +72,15 @@ def test_continued_pretraining_from_an_hf_directory(qwen_dir, tmp_path):
                       f"--out_dir={tmp_path / 'pt'}", "--max_steps=2", "--seq_len=64", "--batch_size=2",
                       "--eval_iters=1", "--sample_tokens=0", "--ckpt_interval=2", "--warmup_steps=0", *SMALL])
     assert "step 2/2 | loss" in out
+
+
+def test_fsdp_sft_shards_an_hf_model_at_load_and_matches_one_process(qwen_dir, tmp_path):
+    import re
+    common = ["sft.py", f"--init_from={qwen_dir}", "--max_steps=2", "--n_train=40", "--val_size=4",
+              "--eval_accuracy_size=0", "--eval_samples=0", "--max_seq_len=128", "--batch_size=1", *SMALL]
+    one = run_script(common + [f"--out_dir={tmp_path / 'one'}", "--grad_accum=2"])
+    two = run_script(["torchrun", "--standalone", "--nproc_per_node=2", *common, f"--out_dir={tmp_path / 'two'}",
+                      "--parallel=fsdp"])
+    assert "FSDP-sharded" in two  # the meta-device, shard-by-shard load path (hf.load_hf) was taken
+    loss = lambda log: [float(v) for v in re.findall(r"^step \d+/2 \| loss ([\d.]+)", log, re.M)]
+    assert len(loss(one)) == 2 and loss(one) == pytest.approx(loss(two), abs=2e-4)
