@@ -231,7 +231,7 @@ def _check_attention_args(q, k, v, doc_ids):
         _fail("attention", f"k/v {tuple(k.shape)} must be (B={B}, n_kv_head, T, head_dim={D}) for q {tuple(q.shape)}")
     if k.shape[2] != T:
         _fail("attention", f"q has {T} positions but k/v have {k.shape[2]}: only self-attention over one sequence "
-                           "is supported (seq_q == seq_k); decode against a KV cache with F.scaled_dot_product_attention")
+                           "is supported (seq_q == seq_k); attend to a KV cache with F.scaled_dot_product_attention")
     if H % k.shape[1] != 0:
         _fail("attention", f"n_head={H} must be a multiple of n_kv_head={k.shape[1]}")
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _FLOATS:
@@ -383,8 +383,11 @@ if triton is not None:
         HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr, DOT_PREC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        start_m = tl.program_id(0) * BLOCK_M
-        bh = tl.program_id(1).to(tl.int64)  # int64: b * stride_qb passes 2^31 on large batches
+        # one flat grid axis (the second one stops at 65535 programs, less than batch x heads can be); the
+        # query blocks of one head are neighbours, so they share its K/V tiles in L2
+        n_m = tl.cdiv(T, BLOCK_M)
+        start_m = (tl.program_id(0) % n_m) * BLOCK_M
+        bh = (tl.program_id(0) // n_m).to(tl.int64)  # int64: b * stride_qb passes 2^31 on large batches
         b = bh // H
         h = bh % H
         hk = h // GROUP  # GQA: the kv head this query head reads, no repeated K/V in memory
@@ -444,10 +447,11 @@ if triton is not None:
                                     stride_dob, stride_doh, stride_dot, stride_dod,
                                     H, T, HEAD_DIM, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
         # delta_i = sum_d dO_id * O_id = rowsum(dP * P) for row i, used in dS = P * (dP - delta)
-        bh = tl.program_id(1).to(tl.int64)
+        n_m = tl.cdiv(T, BLOCK_M)
+        bh = (tl.program_id(0) // n_m).to(tl.int64)
         b = bh // H
         h = bh % H
-        start_m = tl.program_id(0) * BLOCK_M
+        start_m = (tl.program_id(0) % n_m) * BLOCK_M
         offs_m = tl.arange(0, BLOCK_M)
         rows = start_m + offs_m
         offs_d = tl.arange(0, BLOCK_D)
@@ -505,8 +509,9 @@ if triton is not None:
         # (no atomics: the result is bitwise reproducible). SPLIT > 1 spreads one GQA group over SPLIT
         # programs when (key blocks x kv heads) alone would leave SMs idle (MQA at batch 1); each then
         # writes an fp32 partial that the caller sums over the group.
-        start_n = tl.program_id(0) * BLOCK_N
-        pid = tl.program_id(1).to(tl.int64)
+        n_n = tl.cdiv(T, BLOCK_N)
+        start_n = (tl.program_id(0) % n_n) * BLOCK_N
+        pid = (tl.program_id(0) // n_n).to(tl.int64)
         part = pid % SPLIT
         bhk = pid // SPLIT
         b = bhk // H_KV
@@ -616,8 +621,9 @@ if triton is not None:
         # (query, key) tile pair against FlashAttention-2's 5, which accumulates dQ with atomic adds from the
         # dK/dV pass instead. Atomics make dQ's summation order vary from run to run; this repository
         # promises bitwise-identical reruns, so it pays the two extra GEMMs (as Triton's tutorial does).
-        start_m = tl.program_id(0) * BLOCK_M
-        bh = tl.program_id(1).to(tl.int64)
+        n_m = tl.cdiv(T, BLOCK_M)
+        start_m = (tl.program_id(0) % n_m) * BLOCK_M
+        bh = (tl.program_id(0) // n_m).to(tl.int64)
         b = bh // H
         h = bh % H
         hk = h // GROUP
@@ -666,7 +672,8 @@ if triton is not None:
 
     def _attn_key(name, q, k, causal, docs):
         B, H, T, D = q.shape
-        return (seq_bucket(T), D, int(causal), int(docs is not None), str(q.dtype)[6:], "gqa" if k.shape[1] < H else "mha")
+        gqa = "gqa" if k.shape[1] < H else "mha"
+        return (seq_bucket(T), D, int(causal), int(docs is not None), str(q.dtype)[6:], gqa)
 
     def _attn_fwd_triton(q, k, v, docs, causal):
         B, H, T, D = q.shape
@@ -677,12 +684,13 @@ if triton is not None:
         doc_strides = (docs.stride(1), docs.stride(0)) if docs is not None else (0, 0)
 
         def launch(cfg):
-            return _attn_fwd_kernel[(triton.cdiv(T, cfg["BLOCK_M"]), B * H)](
+            return _attn_fwd_kernel[(triton.cdiv(T, cfg["BLOCK_M"]) * B * H,)](
                 q, k, v, o, lse, doc_ptr, *q.stride(), *k.stride(), *v.stride(), *o.stride(), *doc_strides,
                 H, T, H // H_KV, 1.4426950408889634 / math.sqrt(D),
                 HEAD_DIM=D, CAUSAL=causal, HAS_DOC=docs is not None, DOT_PREC=_dot_precision(q.dtype),
                 BLOCK_D=max(16, triton.next_power_of_2(D)),  # tl.dot needs every dim >= 16
-                BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
+                num_stages=cfg["num_stages"])
 
         launch(_choose_config("attn_fwd", _attn_key("attn_fwd", q, k, causal, docs), _ATTN_FWD_CONFIGS, launch))
         return o, lse
@@ -708,7 +716,7 @@ if triton is not None:
         qk_scale = 1.4426950408889634 / math.sqrt(D)
         delta = torch.empty_like(lse)
         PRE_M = 16 if INTERPRET else 64
-        _attn_bwd_preprocess_kernel[(triton.cdiv(T, PRE_M), B * H)](
+        _attn_bwd_preprocess_kernel[(triton.cdiv(T, PRE_M) * B * H,)](
             o, do, delta, *o.stride(), *do.stride(), H, T, D, BLOCK_M=PRE_M, BLOCK_D=BLOCK_D)
         dq = torch.empty_like(q)
         dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)  # dk and dv share the kernel's output strides
@@ -730,22 +738,24 @@ if triton is not None:
                 if split not in partials:
                     partials[split] = torch.empty((2, B, H_KV * split, T, D), device=q.device, dtype=torch.float32)
                 out_k, out_v = partials[split]
-            compiled = _attn_bwd_dkdv_kernel[(triton.cdiv(T, cfg["BLOCK_N"]), B * H_KV * split)](
+            compiled = _attn_bwd_dkdv_kernel[(triton.cdiv(T, cfg["BLOCK_N"]) * B * H_KV * split,)](
                 q, k, v, do, lse, delta, out_k, out_v, doc_ptr,
                 *q.stride(), *k.stride(), *v.stride(), *do.stride(), *out_k.stride(), *doc_strides,
                 H, H_KV, T, group, split, group // split, qk_scale, 1.0 / math.sqrt(D),
                 HEAD_DIM=D, CAUSAL=causal, HAS_DOC=has_doc, DOT_PREC=dot_prec, BLOCK_D=BLOCK_D,
-                BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
+                num_stages=cfg["num_stages"])
             used_split[0] = split
             return compiled
 
         def launch_dq(cfg):
-            return _attn_bwd_dq_kernel[(triton.cdiv(T, cfg["BLOCK_M"]), B * H)](
+            return _attn_bwd_dq_kernel[(triton.cdiv(T, cfg["BLOCK_M"]) * B * H,)](
                 q, k, v, do, lse, delta, dq, doc_ptr,
                 *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *doc_strides,
                 H, T, group, qk_scale, 1.0 / math.sqrt(D),
                 HEAD_DIM=D, CAUSAL=causal, HAS_DOC=has_doc, DOT_PREC=dot_prec, BLOCK_D=BLOCK_D,
-                BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
+                num_stages=cfg["num_stages"])
 
         launch_dkdv(_choose_config("attn_dkdv", key, _ATTN_DKDV_CONFIGS, launch_dkdv))
         if used_split[0] > 1:  # sum the partials over the slices of each group (fixed order: deterministic)
@@ -758,7 +768,8 @@ if triton is not None:
     # --- as custom ops: one graph node each under torch.compile ---
 
     @torch.library.custom_op("kernels::attention_fwd", mutates_args=())
-    def _attention_fwd_op(q: Tensor, k: Tensor, v: Tensor, docs: Optional[Tensor], causal: bool) -> tuple[Tensor, Tensor]:
+    def _attention_fwd_op(q: Tensor, k: Tensor, v: Tensor, docs: Optional[Tensor],
+                          causal: bool) -> tuple[Tensor, Tensor]:
         return _attn_fwd_triton(q, k, v, docs, causal)
 
     @_attention_fwd_op.register_fake
@@ -1215,7 +1226,8 @@ if triton is not None:
         tl.store(LSE + row, lse)
         if WRITE_GRAD:
             scale = tl.where(valid, tl.load(SCALE + row), 0.0)
-            _ce_grad_row(LOGITS_row, DLOGITS + row * stride_dl, target, lse, scale, V, z_loss, softcap, HAS_SOFTCAP, BLOCK_V)
+            _ce_grad_row(LOGITS_row, DLOGITS + row * stride_dl, target, lse, scale, V, z_loss, softcap,
+                         HAS_SOFTCAP, BLOCK_V)
 
     @triton.jit
     def _ce_bwd_kernel(LOGITS, TARGETS, LSE, SCALE, DLOGITS, stride_l, stride_dl, V, ignore_index, z_loss, softcap,
@@ -1259,7 +1271,8 @@ if triton is not None:
 
     @_ce_fwd_op.register_fake
     def _(logits, targets, ignore_index, z_loss, softcap):
-        return logits.new_empty(logits.shape[:1], dtype=torch.float32), logits.new_empty(logits.shape[:1], dtype=torch.float32)
+        n = logits.shape[:1]
+        return logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, dtype=torch.float32)
 
     @torch.library.custom_op("kernels::cross_entropy_bwd", mutates_args=())
     def _ce_bwd_op(logits: Tensor, targets: Tensor, lse: Tensor, scale: Tensor, ignore_index: int, z_loss: float,
@@ -1323,12 +1336,18 @@ _HAS_ADDMM_OUT_DTYPE = any("dtype_out" in str(s) for s in torch._C._jit_get_sche
 
 def _accumulate_dw(dw, dlogits, xs):
     """dw (V, d) fp32 += dlogits^T @ xs, in place: no (V, d) temporaries per chunk."""
+    global _HAS_ADDMM_OUT_DTYPE
     if dlogits.dtype == torch.float32:
         dw.addmm_(dlogits.t(), xs.float())
-    elif dw.is_cuda and _HAS_ADDMM_OUT_DTYPE:  # torch >= 2.8: 16-bit inputs, fp32 accumulation into dw itself
-        torch.addmm(dw, dlogits.t(), xs, out_dtype=torch.float32, out=dw)
-    else:
-        dw.add_(dlogits.t() @ xs)
+        return
+    if dw.is_cuda and _HAS_ADDMM_OUT_DTYPE:  # torch >= 2.8: 16-bit inputs, fp32 accumulation into dw itself
+        try:
+            torch.addmm(dw, dlogits.t(), xs, out_dtype=torch.float32, out=dw)
+            return
+        except (RuntimeError, TypeError) as e:
+            _HAS_ADDMM_OUT_DTYPE = False
+            _log(f"addmm with out_dtype failed ({str(e).splitlines()[0][:120]}); accumulating dw via a temporary")
+    dw.add_(dlogits.t() @ xs)
 
 
 def _linear_ce_chunks(x, weight, targets, ignore_index, z_loss, softcap, chunk_size, impl, cdt, scale, loss):
@@ -1426,12 +1445,14 @@ def linear_cross_entropy(x, weight, targets, ignore_index=-100, reduction="mean"
     if reduction not in ("mean", "sum", "none"):
         _fail("linear_cross_entropy", f"unknown reduction {reduction!r}: use 'mean', 'sum' or 'none'")
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
-        _fail("linear_cross_entropy", f"x must be (N, d) and weight (V, d), got {tuple(x.shape)} and {tuple(weight.shape)}")
+        _fail("linear_cross_entropy", f"x must be (N, d) and weight (V, d), got {tuple(x.shape)} and "
+                                      f"{tuple(weight.shape)}")
     _check_targets("linear_cross_entropy", targets, x.shape[0], weight.shape[0], ignore_index)
     _check_impl(impl)
     dev = x.device.type
     # honour autocast explicitly (the op's body and the backward run outside it): matmuls in the autocast dtype
-    cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.promote_types(x.dtype, weight.dtype)
+    autocast = torch.is_autocast_enabled(dev)
+    cdt = torch.get_autocast_dtype(dev) if autocast else torch.promote_types(x.dtype, weight.dtype)
     # decided here, in grad mode: inside an autograd function requires_grad says nothing about torch.no_grad()
     need_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     loss, _, _ = _linear_ce_fwd_op(x, weight, targets.contiguous(), int(ignore_index), reduction, float(z_loss),

@@ -5,6 +5,12 @@ work (norms, RoPE, SwiGLU, cross-entropy, optimizer), from torch.profiler.
     python bench/bench_cpu.py                         # the nanoGPT-comparison size: 6x384, 6 heads, vocab 8192, 16x256
     python bench/bench_cpu.py --compile=True          # the same step through torch.compile (needs a C++ compiler)
     python bench/bench_cpu.py --steps=5 --n_layer=2   # smaller
+    python bench/bench_cpu.py --nanogpt=../nanoGPT    # interleaved with nanoGPT's model.py at equal size
+
+With --nanogpt=DIR (a checkout of karpathy/nanoGPT; nothing of it is copied here) the steps alternate between
+this repo's model and nanoGPT's GPT at the same size (bias=False, dropout 0, tied embeddings, 13.77M
+parameters at the defaults), same batches, same AdamW + clipping step: on a shared machine both see the same
+load, so the ratio of their medians means something even when the absolute times do not.
 
 One step = forward with the fused linear + cross-entropy loss, backward, grad clip, AdamW step: what
 pretrain.py does per step on the CPU (fp32, kernels="torch"). The machine is often shared: the load
@@ -12,6 +18,7 @@ average is printed beside the figures; compare runs only when they were taken un
 """
 
 import argparse
+import importlib.util
 import os
 import statistics
 import sys
@@ -23,9 +30,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import ModelConfig, Transformer, configure_optimizer  # noqa: E402
 
 # profiler op names -> category; anything else is "elementwise/other"
-MATMUL = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "aten::_grouped_mm", "aten::baddbmm")
-ATTENTION = ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
-             "aten::_scaled_dot_product_attention_math", "aten::_flash_attention_forward", "aten::_flash_attention_backward")
+MATMUL = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "aten::_grouped_mm",
+          "aten::baddbmm")
+ATTENTION = ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math",
+             "aten::_flash_attention_forward", "aten::_flash_attention_backward")  # prefixes: backward ops too
 OPTIMIZER = ("Optimizer.step", "aten::_foreach", "aten::_fused_adamw")
 
 
@@ -56,6 +64,7 @@ def main():
     ap.add_argument("--compile", type=lambda s: s.lower() in ("1", "true", "yes"), default=False)
     ap.add_argument("--profile", type=lambda s: s.lower() in ("1", "true", "yes"), default=True)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    ap.add_argument("--nanogpt", default=None, help="path of a nanoGPT checkout: alternate steps with its model")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -69,30 +78,51 @@ def main():
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len + 1), generator=g) for _ in range(4)]
 
-    def step(i):
-        xy = batches[i % len(batches)]
-        _, loss = step_model(xy[:, :-1], xy[:, 1:])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
+    def make_step(fwd, params, optimizer):
+        def step(i):
+            xy = batches[i % len(batches)]
+            _, loss = fwd(xy[:, :-1].contiguous(), xy[:, 1:].contiguous())
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss
+        return step
+
+    name = "this repo" + (" (compiled)" if args.compile else "")
+    steps = {name: make_step(step_model, list(model.parameters()), opt)}
+    if args.nanogpt:
+        spec = importlib.util.spec_from_file_location("nanogpt_model", os.path.join(args.nanogpt, "model.py"))
+        nano = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(nano)
+        torch.manual_seed(0)
+        gpt = nano.GPT(nano.GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
+                                      block_size=args.seq_len, vocab_size=args.vocab_size, bias=False, dropout=0.0))
+        gpt_opt = gpt.configure_optimizers(0.1, 3e-3, (0.9, 0.95), "cpu")
+        steps["nanoGPT"] = make_step(gpt, list(gpt.parameters()), gpt_opt)
+    step = steps[next(iter(steps))]
 
     t0 = time.perf_counter()
     for i in range(2):
-        step(i)
+        for f in steps.values():
+            f(i)
     warm = time.perf_counter() - t0
-    times = []
-    for i in range(args.steps):
-        t0 = time.perf_counter()
-        step(i)
-        times.append(time.perf_counter() - t0)
-    med = statistics.median(times)
+    times = {name: [] for name in steps}
+    for i in range(args.steps):  # interleaved: every model sees the same machine load
+        for name, f in steps.items():
+            t0 = time.perf_counter()
+            f(i)
+            times[name].append(time.perf_counter() - t0)
     tokens = args.batch_size * args.seq_len
     print(f"model {model.num_params() / 1e6:.2f}M params | {args.batch_size}x{args.seq_len} tokens/step | "
           f"threads {torch.get_num_threads()} | compile {args.compile} | torch {torch.__version__}")
-    print(f"step {med * 1e3:.0f} ms median of {args.steps} (min {min(times) * 1e3:.0f}, max {max(times) * 1e3:.0f}) | "
-          f"{tokens / med:,.0f} tokens/s | warm-up {warm:.1f}s | load average {load():.2f}")
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        print(f"{name:22s} step {med * 1e3:.0f} ms median of {args.steps} (min {min(ts) * 1e3:.0f}, max "
+              f"{max(ts) * 1e3:.0f}) | {tokens / med:,.0f} tokens/s | load average {load():.2f}")
+    if args.nanogpt:
+        ours, theirs = (statistics.median(ts) for ts in times.values())
+        print(f"tokens/s ratio this repo / nanoGPT: {theirs / ours:.2f} (warm-up of both {warm:.1f}s)")
 
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
