@@ -100,7 +100,7 @@ def _dot_precision(dtype):
 # -----------------------------------------------------------------------------
 # Launch configs: forced (tests), cached, or timed once per shape bucket
 
-_tuned = {}        # "kernel|key" -> config dict: the winners of this process (and of AUTOTUNE_CACHE)
+_tuned = {}        # "kernel|key" -> config dict: the winners of this process (and of KERNELS_AUTOTUNE_CACHE)
 _tuned_loaded = False
 _forced = {}       # kernel name -> config entries that override the chosen config (force_configs)
 
