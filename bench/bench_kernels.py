@@ -353,6 +353,7 @@ def main():
     for op in args.ops.split(","):
         benches[op.strip()](K, args.quick, results)
     report["results"] = results
+    report["autotuned"] = K.autotuned_configs()  # the launch config chosen per kernel and shape bucket
 
     write_report("kernels", report, args.out)
 
