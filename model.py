@@ -245,7 +245,7 @@ class MoE(nn.Module):
     DeepSeek's aux-loss-free scheme: a per-expert bias added to the scores for *selection only*,
     nudged after each optimizer step towards equal load (see Transformer.update_moe_bias).
     Dispatch sorts the (token, expert) assignments by expert and runs each expert once on its
-    contiguous slice — a loop over experts, never over tokens."""
+    contiguous slice (kernels.moe_experts: one grouped GEMM on CUDA, else a loop over experts, never over tokens)."""
 
     def __init__(self, cfg: ModelConfig, impl):
         super().__init__()
@@ -287,16 +287,9 @@ class MoE(nn.Module):
         order = torch.argsort(flat, stable=True)
         token = order // k                                    # which token each sorted assignment came from
         gate = weights.flatten()[order].unsqueeze(1).to(x.dtype)
-        out = torch.zeros_like(x)
-        start = 0
-        for e, n in enumerate(counts.tolist()):
-            if n == 0:
-                continue
-            t = token[start:start + n]
-            xe = x[t]
-            he = kernels.swiglu(xe @ self.w_gate[e].t(), xe @ self.w_up[e].t(), impl=self.impl)
-            out.index_add_(0, t, (he @ self.w_down[e].t()) * gate[start:start + n])
-            start += n
+        # every expert's rows at once: a grouped GEMM on CUDA (bf16), a loop over experts elsewhere (kernels.py)
+        y = kernels.moe_experts(x[token], counts, self.w_gate, self.w_up, self.w_down, impl=self.impl)
+        out = torch.zeros_like(x).index_add_(0, token, (y * gate).to(x.dtype))
         if self.shared is not None:
             shared = self.shared(x)
             if self.shared_gate is not None:
