@@ -32,23 +32,43 @@ def qwen_dir(tmp_path_factory):
 SMALL = ["--kernels=torch", "--log_interval=1"]
 
 
-def test_sft_dpo_grpo_reward_chat_on_an_hf_directory(qwen_dir, tmp_path):
-    sft = run_script(["sft.py", f"--init_from={qwen_dir}", f"--out_dir={tmp_path / 'sft'}", "--max_steps=2",
-                      "--batch_size=2", "--n_train=40", "--val_size=4", "--eval_accuracy_size=2", "--eval_samples=0",
-                      "--max_seq_len=128", *SMALL])
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return str(path)
+
+
+def test_the_readme_commands_on_an_hf_directory(qwen_dir, tmp_path):
+    """The README's config files and flags for an open model, on local files in the hub datasets' schemas
+    (no_robots-style messages, UltraFeedback-binarized pairs, openai/gsm8k), shrunk to a few steps."""
+    chats = write_jsonl(tmp_path / "chats.jsonl", [{"messages": [
+        {"role": "user", "content": f"Name a number after {i}."}, {"role": "assistant", "content": str(i + 1)}]}
+        for i in range(30)])
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": f"What is {i} + 1?", "chosen": [
+        {"role": "user", "content": f"What is {i} + 1?"}, {"role": "assistant", "content": str(i + 1)}],
+        "rejected": [{"role": "user", "content": f"What is {i} + 1?"}, {"role": "assistant", "content": str(i)}],
+        "score_chosen": 8.0, "score_rejected": 3.0} for i in range(20)])
+    gsm8k = write_jsonl(tmp_path / "gsm8k.jsonl", [{"question": f"Tom has {i} apples and buys 2. How many?",
+                                                   "answer": f"{i} + 2 = {i + 2}\n#### {i + 2}"} for i in range(12)])
+    tiny = ["--compile=False", "--kernels=torch", "--log_interval=1", "--max_steps=2", "--eval_interval=0"]
+    sft = run_script(["sft.py", "configs/sft_gpu.py", f"--init_from={qwen_dir}", f"--data={chats}",
+                      f"--out_dir={tmp_path / 'sft'}", "--val_size=4", "--max_seq_len=128", "--batch_size=2",
+                      "--eval_accuracy_size=0", *tiny])
     assert "step 2/2 | loss" in sft and f"tokenizer {qwen_dir}" in sft
     ckpt = torch.load(tmp_path / "sft" / "ckpt.pt", weights_only=True)
     assert ckpt["tokenizer"] == qwen_dir  # the stages after it read the same tokenizer and chat template
-    run_script(["reward.py", f"--init_from={qwen_dir}", f"--out_dir={tmp_path / 'rm'}", "--task_pairs=16",
-                "--task_val_pairs=4", "--batch_size=4", "--max_steps=1", *SMALL])
-    run_script(["dpo.py", f"--init_from={tmp_path / 'sft'}", f"--out_dir={tmp_path / 'dpo'}", "--task_pairs=16",
-                "--task_val_pairs=4", "--sampled_pairs=0", "--eval_tasks=0", "--batch_size=4", "--max_steps=1",
-                *SMALL])
-    run_script(["grpo.py", "configs/grpo_tiny.py", f"--init_from={qwen_dir}", f"--out_dir={tmp_path / 'grpo'}",
-                "--max_steps=1", "--lora_r=4", "--beta=0.1"])
-    reply = run_script(["chat.py", f"--ckpt={qwen_dir}", "--prompt=What is 2 + 3?", "--temperature=0",
+    run_script(["dpo.py", "configs/dpo_ultrafeedback.py", f"--init_from={tmp_path / 'sft'}", f"--data={prefs}",
+                f"--val_data={prefs}", f"--out_dir={tmp_path / 'dpo'}", "--batch_size=4", "--grad_accum=1",
+                "--max_len=128", "--activation_checkpointing=False", "--eval_interval=100", *tiny[:4]])
+    run_script(["reward.py", "configs/reward_ultrafeedback.py", f"--init_from={tmp_path / 'sft'}", f"--data={prefs}",
+                f"--val_data={prefs}", f"--out_dir={tmp_path / 'rm'}", "--batch_size=4", "--grad_accum=1",
+                "--max_len=128", "--activation_checkpointing=False", "--eval_interval=100", *tiny[:4]])
+    run_script(["grpo.py", "configs/grpo_gsm8k.py", f"--init_from={tmp_path / 'sft'}", f"--data_path={gsm8k}",
+                f"--eval_data_path={gsm8k}", f"--out_dir={tmp_path / 'grpo'}", "--max_new_tokens=16",
+                "--num_generations=4", "--prompts_per_step=2", "--micro_batch_size=8", "--eval_size=4", *tiny])
+    reply = run_script(["chat.py", f"--ckpt={tmp_path / 'grpo'}", "--prompt=What is 2 + 3?", "--temperature=0",
                         "--max_new_tokens=8", "--kernels=torch"])
-    assert reply.strip() or reply == "\n"
+    assert reply.endswith("\n")
 
 
 def test_export_after_sft_loads_in_transformers_with_our_logits(qwen_dir, tmp_path):
