@@ -289,6 +289,7 @@ if __name__ == "__main__":
     from data import tasks
     from data.chat import BadRecord
     from data.records import DataError
+    from data.order import EpochOrder
     from data.preference import (as_pairs, encode_records, encode_unpaired, load_preferences, load_unpaired,
                                  mismatched, pad_batch, sampled_task_pairs, split_off, task_pairs as make_task_pairs,
                                  unpair)
@@ -462,18 +463,10 @@ if __name__ == "__main__":
         raw_model.train(was_training)
         return out
 
-    perms = {}
+    order = EpochOrder(len(train_set), seed)  # the examples of each (step, micro, rank): a function of the step
 
     def train_ids_at(step, micro):
-        first = ((step * grad_accum + micro) * world_size + rank) * batch_size
-        out = []
-        for g in range(first, first + batch_size):
-            epoch, i = divmod(g, len(train_set))
-            if epoch not in perms:
-                perms.clear()
-                perms[epoch] = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed + epoch))
-            out.append(int(perms[epoch][i]))
-        return out
+        return order.batch(step, micro, rank, world_size, grad_accum, batch_size)
 
     def val_ids(it):
         """This rank's validation records at evaluation iteration it (every rank runs the same iterations)."""

@@ -121,6 +121,7 @@ if __name__ == "__main__":
         check_writable(out_dir)
 
     # data ----------------------------------------------------------------------------------
+    from data.order import EpochOrder
     from data.prepare import load_tokens, prepare, read_header
     from data.tokenizer import get_tokenizer
 
@@ -149,20 +150,12 @@ if __name__ == "__main__":
     if n_windows < batch_size:
         raise SystemExit(f"{data_dir}/train.bin has only {len(train_tokens)} tokens: too few for "
                          f"batch_size={batch_size} windows of seq_len={seq_len}")
-    _perm_cache = {}
+    order = EpochOrder(n_windows, seed)  # window number of each (step, micro, rank, row): a function of the step
 
     def train_batch(step, micro):
-        """The batch of (step, micro) for this rank: rows of a seeded per-epoch permutation of windows."""
-        first = ((step * grad_accum + micro) * world_size + rank) * batch_size
-        rows = []
-        for g in range(first, first + batch_size):
-            epoch, i = divmod(g, n_windows)
-            if epoch not in _perm_cache:
-                _perm_cache.clear()
-                _perm_cache[epoch] = torch.randperm(n_windows, generator=torch.Generator().manual_seed(seed + epoch))
-            start = int(_perm_cache[epoch][i]) * seq_len
-            rows.append(torch.from_numpy(train_tokens[start:start + seq_len + 1].astype("int64")))
-        x = torch.stack(rows)
+        """The batch of (step, micro) for this rank."""
+        starts = [i * seq_len for i in order.batch(step, micro, rank, world_size, grad_accum, batch_size)]
+        x = torch.stack([torch.from_numpy(train_tokens[s:s + seq_len + 1].astype("int64")) for s in starts])
         return x[:, :-1].to(device, non_blocking=True), x[:, 1:].to(device, non_blocking=True)
 
     def val_batches():

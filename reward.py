@@ -184,6 +184,7 @@ if __name__ == "__main__":
     from data import tasks
     from data.chat import BadRecord
     from data.records import DataError
+    from data.order import EpochOrder
     from data.preference import (encode_records, load_preferences, pad_batch, sampled_task_pairs, split_off,
                                  task_pairs as make_task_pairs)
     from data.tokenizer import get_tokenizer
@@ -291,19 +292,10 @@ if __name__ == "__main__":
             m += [margin + (score_margin * (s[i] - s[j]) if s else 0.0) for i in range(k) for j in range(i + 1, k)]
         return idx, end_idx, sizes, torch.tensor(m, device=device)
 
-    perms = {}
+    order = EpochOrder(len(train_set), seed)  # the records of each (step, micro, rank): a function of the step
 
     def train_records_at(step, micro):
-        """This rank's records for (step, micro): consecutive slices of a seeded per-epoch permutation."""
-        first = ((step * grad_accum + micro) * world_size + rank) * batch_size
-        out = []
-        for g in range(first, first + batch_size):
-            epoch, i = divmod(g, len(train_set))
-            if epoch not in perms:
-                perms.clear()
-                perms[epoch] = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed + epoch))
-            out.append(train_set[int(perms[epoch][i])])
-        return out
+        return [train_set[i] for i in order.batch(step, micro, rank, world_size, grad_accum, batch_size)]
 
     @torch.no_grad()
     def evaluate():
