@@ -36,6 +36,22 @@ def tiny_ckpt(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def overflowing_ckpt(tmp_path_factory):
+    """A checkpoint with finite weights whose logits overflow fp32 (an untied output head at 3e38; the largest
+    fp32 is 3.4e38), so the first training step's loss is NaN on every machine. (A huge lr is not a reliable
+    way to diverge: the RMSNorms saturate to a finite loss of log V on some CPUs.)"""
+    from checkpoint import checkpoint_dict, save_checkpoint
+    from model import Transformer
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(tie_embeddings=False))
+    with torch.no_grad():
+        model.lm_head.weight.fill_(3e38)
+    path = str(tmp_path_factory.mktemp("overflowing") / "ckpt.pt")
+    save_checkpoint(path, checkpoint_dict(model, "default", step=0))
+    return path
+
+
 def run_script(args, timeout=600, env=None, cwd=ROOT):
     """Run `python <args>` (or torchrun when args[0] == "torchrun") from the repo root; return stdout+stderr.
     Fails the test with the output when the exit code is not 0."""

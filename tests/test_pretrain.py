@@ -78,12 +78,10 @@ def test_bad_config_key_and_value():
     assert "cannot read config file configs/does_not_exist.py" in out
 
 
-def test_nonfinite_loss_stops_without_saving(data_dir, tmp_path):
-    # lr=1e7 diverges within a few steps (lr=inf is refused by the configurator)
-    out = run_failing(["pretrain.py", f"--data={data_dir}", f"--out_dir={tmp_path}", "--max_steps=20",
-                       "--log_interval=5", "--ckpt_interval=5"] + TINY + ["--lr=1e7", "--grad_clip=0.0", "--warmup_steps=0"])
-    assert re.search(r"non-finite loss or gradient norm at step \d+", out), out[-2000:]
-    if os.path.exists(tmp_path / "ckpt.pt"):  # whatever was saved before the blow-up is finite
-        import torch
-        ck = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-        assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+def test_nonfinite_loss_stops_without_saving(data_dir, overflowing_ckpt, tmp_path):
+    # continued pretraining from a checkpoint whose logits overflow: the loss is NaN at step 1 on every machine
+    out = run_failing(["pretrain.py", f"--data={data_dir}", f"--out_dir={tmp_path}", f"--init_from={overflowing_ckpt}",
+                       "--max_steps=20", "--log_interval=5", "--ckpt_interval=5", "--seq_len=64", "--batch_size=4",
+                       "--eval_iters=2", "--sample_tokens=8", "--kernels=torch"])
+    assert "non-finite loss or gradient norm at step 1" in out and "Traceback" not in out, out[-2000:]
+    assert not os.path.exists(tmp_path / "ckpt.pt")
