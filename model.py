@@ -490,8 +490,10 @@ class Transformer(nn.Module):
 
 class RewardModel(nn.Module):
     """r(conversation) = score_head(final-normed hidden state at the last token of the response, its
-    <|im_end|>); the head's output at any other position means nothing. The LM head is dropped: a
-    reward model never uses it (an untied one would be an unused parameter under DDP)."""
+    <|im_end|>); the head's output at any other position means nothing for a reward model. The LM head is
+    dropped: a reward model never uses it (an untied one would be an unused parameter under DDP).
+    The same class is PPO's critic (grpo.py, advantage_estimator="gae"): a value model whose head is read at
+    every position, V(s_t) of each prefix; it starts from a reward model (TRL, InstructGPT) or from the policy."""
 
     def __init__(self, transformer: Transformer):
         super().__init__()
@@ -509,13 +511,18 @@ class RewardModel(nn.Module):
     def moe_layers(self):
         return self.transformer.moe_layers()
 
+    def moe_aux_loss(self):
+        return self.transformer.moe_aux_loss()
+
     def update_moe_bias(self):
         return self.transformer.update_moe_bias()
 
-    def forward(self, idx, end_idx, *, positions=None, doc_ids=None):
-        """idx (B, T), end_idx (B,) index of each row's final response token -> rewards (B,) fp32.
-        Right padding needs nothing else (causal attention never looks ahead); left padding needs
-        positions (counting from each row's first real token) and doc_ids separating the pads."""
+    def forward(self, idx, end_idx=None, *, positions=None, doc_ids=None):
+        """idx (B, T), end_idx (B,) index of each row's final response token -> rewards (B,) fp32; end_idx None:
+        the head at every position, (B, T) fp32 (a critic's values). Right padding needs nothing else (causal
+        attention never looks ahead); left padding needs positions (counting from each row's first real token)
+        and doc_ids separating the pads."""
         h, _ = self.transformer(idx, positions=positions, doc_ids=doc_ids, return_hidden=True)
-        h = h[torch.arange(idx.shape[0], device=idx.device), end_idx]
+        if end_idx is not None:
+            h = h[torch.arange(idx.shape[0], device=idx.device), end_idx]
         return self.score_head(h).squeeze(-1).float()

@@ -24,10 +24,17 @@ STAGES = {
                 "--precompute_ref_logprobs=True", "--lr=1e-3", "--kernels=torch"],
     # dynamic sampling (each rank's place in its prompt stream), the sampling generator, a reloaded reference
     "grpo": ["grpo.py", "configs/grpo_tiny.py", "--max_steps=4", "--dynamic_sampling=True", "--beta=0.1",
-             "--num_iterations=2"],
+             "--num_ppo_epochs=2"],
+    # the KL in the reward, minibatches (shuffled by the CPU RNG), GSPO's sequence ratio
+    "rloo": ["grpo.py", "configs/grpo_tiny.py", "--max_steps=4", "--advantage_estimator=rloo", "--kl_coef=0.1",
+             "--dynamic_sampling=False", "--num_mini_batches=2", "--importance_sampling_level=sequence"],
+    # the critic and its optimizer, the adaptive KL coefficient, epochs x minibatches, the ptx stream
+    "ppo": ["grpo.py", "configs/grpo_tiny.py", "--max_steps=4", "--advantage_estimator=gae", "--value_model=policy",
+            "--num_generations=1", "--prompts_per_step=4", "--dynamic_sampling=False", "--kl_coef=0.05",
+            "--kl_target=0.01", "--kl_horizon=100", "--num_ppo_epochs=2", "--num_mini_batches=2", "--ptx_coef=0.5",
+            "--ptx_batch_size=2", "--lr=1e-3"],
 }
-HALT = {"sft": 3, "sft_lora": 3, "reward": 3, "dpo": 3, "grpo": 2,
-        "dpo_kto": 3}
+HALT = {"sft": 3, "sft_lora": 3, "reward": 3, "dpo": 3, "grpo": 2, "rloo": 2, "ppo": 2, "dpo_kto": 3}
 TIMING = re.compile(r"(gen )?tok/s [\d,.]+|eta \d+m\d+s|\(\d+s\)")
 
 

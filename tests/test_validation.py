@@ -44,7 +44,7 @@ def config_error(script, *argv):
     ("sft", "--max_steps=-1", "max_steps=-1 is out of range"),
     ("sft", "--lora_targets=q,vv", "unknown LoRA target(s) ['vv']"),
     ("grpo", "--max_steps=-1", "max_steps=-1"),
-    ("grpo", "--num_generations=1", "num_generations=1"),
+    ("grpo", "--num_generations=0", "num_generations=0"),  # 1 is valid (gae, reinforce++): test_ppo checks the rest
     ("grpo", "--reward_funcs=('exact','fromat')", "Did you mean 'format'"),
     ("grpo", "--loss_type=drgrpo", "loss_type='drgrpo'"),
     ("grpo", "--top_p=1.5", "top_p=1.5"),
