@@ -369,7 +369,10 @@ seed = 1337
 parallel = "ddp"             # under torchrun: ddp | fsdp
 device = "auto"              # auto | cpu | cuda
 kernels = "auto"             # auto | triton | torch
+dtype = "auto"               # weights: auto (as stored, fp32 on the CPU: HF bf16 stays bf16 on CUDA) | float32 |
+                             # bfloat16
 compile = False
+report_dir = ""              # the summary goes into report_dir/<stage>.json and report.md ("": beside out_dir)
 wandb_log = False
 wandb_project = "grpo"
 wandb_run_name = "grpo"
@@ -380,7 +383,8 @@ _choices = dict(dataset=("tasks", "gsm8k"), reward_funcs=("exact", "format", "gs
                 advantage_estimator=("grpo", "rloo", "reinforce++", "gae"), kl_estimator=("k1", "k3"),
                 importance_sampling_level=("token", "sequence"), value_model=("reward", "policy"),
                 loss_type=("grpo", "dapo", "dr_grpo"), lr_schedule=SCHEDULES, parallel=("ddp", "fsdp"),
-                device=("auto", "cpu", "cuda"), kernels=("auto", "triton", "torch"), lora_targets=check_targets)
+                device=("auto", "cpu", "cuda"), kernels=("auto", "triton", "torch"), lora_targets=check_targets,
+                dtype=("auto", "float32", "bfloat16"))
 _ranges = dict(n_train="[1, inf)", missing_eos_penalty="[0, inf)", overlong_buffer="[0, inf)",
                overlong_penalty="[0, inf)", reward_clip="[0, inf)", num_generations="[1, inf)",
                prompts_per_step="[1, inf)", max_new_tokens="[1, inf)", temperature="(0, inf)", top_p="(0, 1]",
@@ -398,7 +402,7 @@ _ranges = dict(n_train="[1, inf)", missing_eos_penalty="[0, inf)", overlong_buff
 _resume_fixed = ("dataset", "data_path", "eval_data_path", "n_train", "task_subset", "system_prompt", "seed",
                  "num_generations", "prompts_per_step", "max_new_tokens", "lora_r", "lora_alpha", "lora_targets",
                  "lora_rslora", "lora_dropout", "eval_size", "reward_model", "advantage_estimator", "value_model",
-                 "ptx_batch_size")
+                 "ptx_batch_size", "dtype")
 _resume_schedule = ("reward_funcs", "reward_weights", "reward_model_weight", "missing_eos_penalty", "overlong_buffer",
                     "overlong_penalty", "reward_norm", "reward_clip", "temperature", "top_p", "top_k",
                     "dynamic_sampling", "max_sampling_rounds", "epsilon_std", "scale_rewards", "gamma", "lam",
@@ -427,6 +431,7 @@ if __name__ == "__main__":
     from lora import apply_lora, lora_disabled, lora_modules, merge_lora
     from model import RewardModel, Transformer
     from optim import configure_optimizer, lr_at, mark_nonfinite, stop_if_nonfinite
+    from report import MetricsLogger, run_setup, write_summary
     from reward import score_conversations
 
     def fail(msg):
@@ -476,9 +481,10 @@ if __name__ == "__main__":
     if not os.path.exists(source):
         hint = "python sft.py" if init_from == "out/sft/ckpt.pt" else "the stage that writes it"
         fail(f"init checkpoint {source} not found. Run `{hint}` first, or pass --init_from=PATH.")
+    weights_dtype = None if dtype == "auto" else getattr(torch, dtype)
     # no dropout: the importance ratio and the sampled log-probs assume one deterministic policy
     try:
-        model, ckpt = load_model(source, "cpu", kernels=kernels, dropout=0.0)
+        model, ckpt = load_model(source, "cpu", kernels=kernels, dropout=0.0, dtype=weights_dtype)
         tok = get_tokenizer(ckpt["tokenizer"])
         check_vocab(model, tok, source)
     except ValueError as e:  # e.g. a reward model where a language model is needed, a corrupt file
@@ -494,10 +500,10 @@ if __name__ == "__main__":
             if ckpt["init_fingerprint"] != fingerprint(base_init):
                 fail(f"cannot resume {ckpt_path}: its reference, the initial policy {base_init}, has changed since "
                      f"the run started (fingerprint mismatch); restore it")
-            ref_model, _ = load_model(base_init, "cpu", kernels=kernels, dropout=0.0)
+            ref_model, _ = load_model(base_init, "cpu", kernels=kernels, dropout=0.0, dtype=weights_dtype)
         if ppo:
             critic, _ = load_model(dict(model_config=ckpt["critic_config"], model=ckpt["critic"]), "cpu", "reward",
-                                   kernels=kernels, dropout=0.0)
+                                   kernels=kernels, dropout=0.0, dtype=weights_dtype)
         if kl_target:  # the adaptive controller's state; a fixed kl_coef may be changed on resume (with a warning)
             kl_coef = ckpt["kl_coef"]
     else:
@@ -526,9 +532,10 @@ if __name__ == "__main__":
     if reward_model:
         # reward.py trains from the SFT checkpoint, so it shares the policy's tokenizer
         try:
-            rm, _ = load_model(reward_model, device, kind="reward", kernels=kernels)
+            rm, _ = load_model(reward_model, device, kind="reward", kernels=kernels, dtype=weights_dtype)
             if ppo and critic is None:  # the critic starts as a copy of the reward model (TRL, InstructGPT)
-                critic, _ = load_model(reward_model, "cpu", kind="reward", kernels=kernels, dropout=0.0)
+                critic, _ = load_model(reward_model, "cpu", kind="reward", kernels=kernels, dropout=0.0,
+                                       dtype=weights_dtype)
             check_vocab(rm, tok, reward_model)
         except ValueError as e:
             fail(f"reward_model: {e}")
@@ -646,8 +653,7 @@ if __name__ == "__main__":
     def report(step, ev):
         per_task = " ".join(f"{t} {a:.0%}" for t, a in ev[1].items()) if len(ev[1]) > 1 else ""
         log(f"eval step {step} | held-out accuracy {ev[0]:.1%}" + (f" ({per_task})" if per_task else ""))
-        if wandb_log and master:
-            wandb.log({"step": step, "val/accuracy": ev[0], **{f"val/accuracy_{t}": a for t, a in ev[1].items()}})
+        metrics.log(step, accuracy=ev[0], **{f"accuracy_{t}": a for t, a in ev[1].items()})
 
     def all_sum(t):
         if ddp:
@@ -877,12 +883,10 @@ if __name__ == "__main__":
         log(" | ".join(parts))
         for ex, text in list(zip(allgen["examples"], allgen["texts"]))[:eval_samples]:
             log(f"  {ex['prompt'][:80]!r} -> {text[:120]!r} (answer {ex['answer']!r})")
-        if wandb_log and master:
-            wandb.log({"step": step, **{f"train/{k}": v for k, (v, _) in m.items()}})
+        metrics.log(step, **{k.replace(" ", "_").replace("/", "_per_"): v for k, (v, _) in m.items()})
 
-    if wandb_log and master:
-        import wandb
-        wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+    wandb = dict(project=wandb_project, name=wandb_run_name, config=config) if wandb_log else None
+    metrics = MetricsLogger(out_dir, start_step if resume else None, enabled=master, wandb=wandb)
 
     # -------------------------------------------------------------------------
     def save(step):
@@ -924,7 +928,7 @@ if __name__ == "__main__":
                                    stop_tokens=stop, pad_id=tok.pad_id,
                                    generator=torch.Generator(device=device).manual_seed(seed + 7919 + rank))
         ref = model if lora else ref_model or load_model(base_init, device, kernels=kernels, dropout=0.0,
-                                                         fsdp=ddp and parallel == "fsdp")[0]
+                                                         fsdp=ddp and parallel == "fsdp", dtype=weights_dtype)[0]
         micro = [slice(i, min(i + micro_batch_size, n)) for i in range(0, n, micro_batch_size)]
         with lora_disabled(raw_model) if lora else nullcontext():
             ref_logp = forward_all(completion_logprobs, ref, dict(prompts=prompts, **g), micro, temperature)
@@ -1013,4 +1017,11 @@ if __name__ == "__main__":
             f"{total_gen:,.0f} completion tokens generated")
         for t in task_names if len(task_names) > 1 else []:
             log(f"  {t:8s} {ev0[1][t]:6.1%} -> {ev[1][t]:6.1%}")
+        if master:
+            write_summary(report_dir, "grpo", out_dir=out_dir, summary=dict(
+                setup=run_setup(device, world_size), params=raw_model.num_params(), trainable=n_trainable,
+                tokens=total_gen, wall_time=time.time() - t_start, steps=last_step, init_from=base_init,
+                ckpt=ckpt_path, advantage_estimator=advantage_estimator, before=dict(accuracy=ev0[0]),
+                after=dict(accuracy=ev[0], kl_to_initial=kl_end),
+                accuracy_per_task=dict(before=ev0[1], after=ev[1]), metrics=metrics.path))
     teardown_distributed(ddp)

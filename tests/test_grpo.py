@@ -155,12 +155,21 @@ def test_first_step_is_reinforce():
 
 
 def test_grpo_script_tiny(tiny_ckpt, tmp_path):
-    out = run_script(["grpo.py", "configs/grpo_tiny.py", f"--init_from={tiny_ckpt}", f"--out_dir={tmp_path}"],
+    out = run_script(["grpo.py", "configs/grpo_tiny.py", f"--init_from={tiny_ckpt}", f"--out_dir={tmp_path / 'run'}"],
                      timeout=300)
+    tmp_path = tmp_path / "run"
     assert "step 2/2 | loss" in out and "gen tok/s" in out and "held-out accuracy" in out
     ckpt = load_checkpoint(str(tmp_path / "ckpt.pt"))
     assert ckpt["step"] == 2 and ckpt["tokenizer"] == "default" and ckpt["config"]["num_generations"] == 4
     load_model(ckpt)
+    # the report card: the logged curve (evals at steps 0 and 2, train lines at 1 and 2) and the stage summary
+    import json
+    entries = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [e["step"] for e in entries if "accuracy" in e] == [0, 2]
+    assert [e["step"] for e in entries if "loss" in e] == [1, 2] and all("reward" in e for e in entries if "loss" in e)
+    summary = json.load(open(tmp_path.parent / "report" / "grpo.json"))  # report_dir "": beside out_dir
+    assert summary["steps"] == 2 and summary["after"]["accuracy"] == ckpt["accuracy"]
+    assert "## grpo" in open(tmp_path.parent / "report" / "report.md").read()
 
 
 def test_grpo_script_variants(tiny_ckpt, tmp_path):
