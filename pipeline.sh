@@ -29,7 +29,7 @@ stage() {  # run one stage, timing it
     local s=$(date +%s)
     echo "=== $* ==="
     "$@"
-    echo "=== $1: $(( $(date +%s) - s ))s ==="
+    echo "=== $2: $(( $(date +%s) - s ))s ==="
 }
 stage python pretrain.py
 stage python sft.py
