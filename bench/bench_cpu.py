@@ -27,7 +27,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import ModelConfig, Transformer, configure_optimizer  # noqa: E402
+from model import ModelConfig, Transformer  # noqa: E402
+from optim import configure_optimizer  # noqa: E402
 
 # profiler op names -> category; anything else is "elementwise/other"
 MATMUL = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "aten::_grouped_mm",

@@ -105,3 +105,13 @@ def test_gpu_check_stubs_let_pretrain_import_without_tiktoken(tmp_path):
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
                        env={**os.environ, "PYTHONPATH": str(tmp_path)})
     assert p.returncode == 0 and "stand-in: tiktoken is not installed" in p.stdout, p.stderr[-2000:]
+
+
+def test_bench_cpu_runs_and_breaks_the_step_down():
+    """The CPU benchmark on a tiny model: step times and the profiler's breakdown by category (it imports the
+    model's and the optimizer's modules, which moved once without it noticing)."""
+    out = run_script(["bench/bench_cpu.py", "--steps=2", "--n_layer=1", "--n_embd=64", "--n_head=2", "--n_kv_head=2",
+                      "--seq_len=32", "--batch_size=2", "--threads=1"], timeout=300)
+    assert "step" in out and "ms median of 2" in out and "breakdown of 2 profiled steps" in out
+    for category in ("matmul", "attention", "elementwise/other"):
+        assert category in out, out[-2000:]
