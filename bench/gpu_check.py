@@ -306,7 +306,7 @@ def section_pretrain(rec, args):
     peak = matmul = None
     if torch.cuda.is_available():
         from bench.report import matmul_ceiling
-        from model import device_peak_flops
+        from distributed import device_peak_flops
         peak, matmul = device_peak_flops(torch.cuda.get_device_name()), matmul_ceiling()
     rec.set(model=model_kw, params=n_params, flops_per_token=fpt, peak_bf16_flops=peak, measured_matmul_flops=matmul,
             steps=steps, skipped_log_intervals=skip)
