@@ -4,8 +4,8 @@ Does the learned reward rank the policy's own samples? (What PPO with a learned 
 For 300 training prompts of add/count/max, 8 samples each at temperature 1 from the policy: the fraction of
 (correct, wrong) pairs of the same prompt where the reward model scores the correct one higher (ties count
 half), and the accuracy of best-of-8 chosen by the reward model against the mean sample accuracy. A reward
-model whose held-out pair accuracy (reward.py's, on the dataset's answers) looks fine can still fail here: the
-policy's wrong answers are near misses (182 for 181) unlike the dataset's.
+model whose held-out pair accuracy (reward.py's, on the dataset's answers) looks fine can still fail here, on
+the policy's own mistakes.
 
 $ python bench/reward_on_policy.py [POLICY_CKPT] [REWARD_CKPT]    # defaults: out/sft/ckpt.pt out/reward/ckpt.pt
 """
