@@ -43,7 +43,11 @@ def bench_ms(fn):
 
 
 def peak_mem_gb(fn):
-    # extra memory above what is already allocated (the inputs), for one call
+    """Peak GPU memory above what is already allocated (the inputs) during one call of fn; 0 on the CPU
+    (gpu_check.py's dry run)."""
+    if not torch.cuda.is_available():
+        fn()
+        return 0.0
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()

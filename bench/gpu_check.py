@@ -94,20 +94,6 @@ def cuda_time_ms(fn, reps, warmup=1):
     return statistics.median(times)
 
 
-def peak_extra_gb(fn):
-    """Peak GPU memory above what was allocated before one call of fn (0 on the CPU)."""
-    import torch
-    if not torch.cuda.is_available():
-        fn()
-        return 0.0
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 1e9
-
-
 # -----------------------------------------------------------------------------
 # sections (each runs in its own process)
 
@@ -236,6 +222,7 @@ def section_flce(rec, args):
     import torch
     import torch.nn.functional as F
     import kernels as K
+    from bench.bench_kernels import peak_mem_gb
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     N, d, V, dt, reps = 32768, 4096, 131072, torch.bfloat16, 3
     if args.dry_run:
@@ -269,7 +256,7 @@ def section_flce(rec, args):
                          grad_rel_err_vs_first=max(((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
                                                    for a, b in zip(grads, ref[1])))
             del grads
-            entry.update(fwd_bwd_ms=round(cuda_time_ms(step, reps), 2), peak_extra_gb=round(peak_extra_gb(step), 2))
+            entry.update(fwd_bwd_ms=round(cuda_time_ms(step, reps), 2), peak_extra_gb=round(peak_mem_gb(step), 2))
         except Exception as e:  # noqa: BLE001 - an unfused loss may run out of memory
             entry["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         if dev == "cuda":
