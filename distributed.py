@@ -141,3 +141,9 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e1
 def device_peak_flops(device_name):
     """The dense bf16 peak of a device named like torch.cuda.get_device_name(), or None if unknown."""
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in device_name), None)
+
+
+def mfu(flops, seconds, world_size, peak_flops):
+    """Model FLOPs utilisation, as a log field: flops done on all ranks in seconds, over world_size devices of
+    peak_flops each (model.flops counts them); "n/a" without a peak (the CPU, an unlisted GPU: pass peak_flops)."""
+    return f"{float(flops) / seconds / world_size / peak_flops:.1%}" if peak_flops else "n/a"

@@ -235,6 +235,7 @@ grad_clip = 1.0
 # system
 parallel = "ddp"           # under torchrun: "ddp" or "fsdp"
 compile = False
+peak_flops = None          # dense bf16 FLOP/s of one device for MFU; None: looked up from the device name
 activation_checkpointing = False
 device = "auto"
 kernels = "auto"
@@ -268,7 +269,7 @@ _ranges = dict(val_fraction="(0, 1)", max_records="[1, inf) or -1", max_val_reco
                warmup_steps="[0, inf)", weight_decay="[0, inf)", beta1="[0, 1)", beta2="[0, 1)", grad_clip="[0, inf)",
                log_interval="[1, inf)", eval_interval="[1, inf)", eval_tasks="[0, inf)",
                eval_max_new_tokens="[1, inf)", logp_warn_window="[2, inf)", ckpt_interval="[0, inf)",
-               halt_at_step="[1, inf) or -1")
+               halt_at_step="[1, inf) or -1", peak_flops="(0, inf)")
 # init_from="resume" continues with the checkpoint's model, reference and data: these must not change on resume
 _resume_fixed = ("data", "train_split", "val_data", "val_split", "val_fraction", "max_records", "max_val_records",
                  "max_len", "task_pairs", "task_val_pairs", "sampled_pairs", "num_samples", "sample_temperature",
@@ -294,7 +295,8 @@ if __name__ == "__main__":
                                  mismatched, pad_batch, sampled_task_pairs, split_off, task_pairs as make_task_pairs,
                                  unpair)
     from data.tokenizer import get_tokenizer
-    from distributed import check_replicas_identical, grad_sync, parallelize, setup_distributed, teardown_distributed
+    from distributed import (check_replicas_identical, device_peak_flops, grad_sync, mfu, parallelize,
+                             setup_distributed, teardown_distributed)
     from lora import apply_lora, lora_disabled, lora_modules, merge_lora
     from model import Transformer
     from optim import configure_optimizer, lr_at, mark_nonfinite, stop_if_nonfinite
@@ -514,8 +516,12 @@ if __name__ == "__main__":
         log(f"precomputed reference log-probs of {len(train_set) + len(val_set)} {unit}"
             f"{' and of every batch of mismatched pairs' if kto else ''} in {time.time() - t0:.0f}s")
 
+    def pass_flops(idx, backward):  # model FLOPs of one pass over a padded batch (model.flops)
+        return raw_model.flops((idx != tok.pad_id).sum(1), backward=backward)
+
     def forward_pairs(records, ids, ref_table, kl_ref=None, n_real=None):
-        """Per-pair losses and stats for a batch of records (ids: their positions, for precomputed refs)."""
+        """Per-pair losses and stats for a batch of records (ids: their positions, for precomputed refs), its
+        tokens and the model FLOPs spent on it (the policy's forward and backward, the reference's forward)."""
         idx, targets, _ = pair_batch(records)
         B = len(records)
         if not needs_ref:
@@ -532,7 +538,8 @@ if __name__ == "__main__":
         stats = torch.stack([losses.detach().sum(), r_c.sum(), r_r.sum(), (r_c - r_r).sum(),
                              (r_c > r_r).float().sum(), logps[:B].detach().sum(), logps[B:].detach().sum(),
                              torch.tensor(float(B), device=device)])
-        return losses, stats, (idx != tok.pad_id).sum()
+        flops = pass_flops(idx, True) + (pass_flops(idx, False) if needs_ref and ref_table is None else 0)
+        return losses, stats, (idx != tok.pad_id).sum(), flops
 
     def forward_examples(records, ids, ref_table, kl_ref=None, n_real=None):
         """kto: per-example losses and stats for a batch of records. kl_ref: precomputed reference log-probs of
@@ -555,7 +562,10 @@ if __name__ == "__main__":
         d, u, lp = desirable.float(), (~desirable).float(), logps.detach()
         stats = torch.stack([losses.detach().sum(), z0 * B, (rewards * d).sum(), (rewards * u).sum(), (lp * d).sum(),
                              (lp * u).sum(), d.sum(), u.sum(), torch.tensor(float(B), device=device)])
-        return losses, stats, (idx != tok.pad_id).sum()
+        flops = pass_flops(idx, True) + pass_flops(kl_idx, False)  # the policy: matched pairs, mismatched ones
+        flops = flops + (pass_flops(idx, False) if ref_table is None else 0)  # the reference on both
+        flops = flops + (pass_flops(kl_idx, False) if kl_ref is None else 0)
+        return losses, stats, (idx != tok.pad_id).sum(), flops
 
     forward = forward_examples if kto else forward_pairs
     n_stats = 9 if kto else 8
@@ -577,7 +587,7 @@ if __name__ == "__main__":
         for it in range(math.ceil(len(val_set) / (batch_size * world_size))):
             ids = val_ids(it)
             with autocast:
-                _, stats, _ = forward([val_set[i] for i in ids or [0]], torch.tensor(ids or [0], device=device),
+                _, stats, _, _ = forward([val_set[i] for i in ids or [0]], torch.tensor(ids or [0], device=device),
                                       val_ref if needs_ref and precompute_ref_logprobs else None,
                                       val_kl_ref[it] if val_kl_ref is not None else None, n_real=len(ids))
             total += stats * (1.0 if ids else 0.0)
@@ -623,7 +633,9 @@ if __name__ == "__main__":
     first_bad = torch.tensor(-1, device=device)  # the first non-finite step (optim.mark_nonfinite)
     t_start = t_log = time.time()
     n_train_tokens = 0
-    tokens, window = torch.zeros((), device=device), torch.zeros(n_stats, device=device)
+    if peak_flops is None and device.type == "cuda":
+        peak_flops = device_peak_flops(torch.cuda.get_device_name(device))
+    tokens, flops, window = torch.zeros((), device=device), 0, torch.zeros(n_stats, device=device)
     chosen_history, warned = [], False
     acc_after = None
     for step in range(start_step, last_step + 1):
@@ -656,7 +668,7 @@ if __name__ == "__main__":
         for micro in range(grad_accum):
             ids = train_ids_at(step, micro)
             with grad_sync(model, micro == grad_accum - 1), autocast:
-                losses, stats, n_tok = forward([train_set[i] for i in ids], torch.tensor(ids, device=device),
+                losses, stats, n_tok, n_flops = forward([train_set[i] for i in ids], torch.tensor(ids, device=device),
                                                train_ref if needs_ref and precompute_ref_logprobs else None,
                                                train_kl_ref[step, micro] if train_kl_ref is not None else None)
                 loss = losses.mean()
@@ -667,6 +679,7 @@ if __name__ == "__main__":
             step_loss += loss.detach() / grad_accum
             window += stats.detach()
             tokens += n_tok
+            flops = flops + n_flops
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
         first_bad = mark_nonfinite(first_bad, step, step_loss, grad_norm)
         optimizer.step()
@@ -682,7 +695,9 @@ if __name__ == "__main__":
             eta = (last_step - done) * (time.time() - t_start) / (done - start_step)
             # logged loss: the mean over the pairs (examples) of every rank since the last log
             log(f"step {done}/{steps} | loss {s['loss']:.4f} | lr {cur_lr:.2e} | grad_norm {grad_norm.item():.2f} | "
-                f"tok/s {tokens.item() * world_size / dt:,.0f} | " + (f"kl {s['kl']:.4f} | " if kto else "") +
+                f"tok/s {tokens.item() * world_size / dt:,.0f} | "
+                f"mfu {mfu(float(flops) * world_size, dt, world_size, peak_flops)} | " +
+                (f"kl {s['kl']:.4f} | " if kto else "") +
                 f"rewards/chosen {s['rewards/chosen']:.3f} | rewards/rejected {s['rewards/rejected']:.3f} | "
                 f"margins {s['margins']:.3f} | " + ("" if kto else f"accuracy {s['accuracy']:.3f} | ") +
                 f"logps/chosen {s['logps/chosen']:.2f} | logps/rejected {s['logps/rejected']:.2f} | "
@@ -701,6 +716,7 @@ if __name__ == "__main__":
                         **{k.replace("/", "_"): v for k, v in s.items()})
             n_train_tokens += tokens.item() * world_size
             t_log, tokens, window = time.time(), torch.zeros((), device=device), torch.zeros(n_stats, device=device)
+            flops = 0
 
     if ddp and parallel == "ddp":
         log(f"parameters identical on all {check_replicas_identical(model)} ranks")

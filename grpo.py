@@ -372,6 +372,7 @@ kernels = "auto"             # auto | triton | torch
 dtype = "auto"               # weights: auto (as stored, fp32 on the CPU: HF bf16 stays bf16 on CUDA) | float32 |
                              # bfloat16
 compile = False
+peak_flops = None          # dense bf16 FLOP/s of one device for MFU; None: looked up from the device name
 report_dir = ""              # the summary goes into report_dir/<stage>.json and report.md ("": beside out_dir)
 wandb_log = False
 wandb_project = "grpo"
@@ -397,7 +398,7 @@ _ranges = dict(n_train="[1, inf)", missing_eos_penalty="[0, inf)", overlong_buff
                adam_eps="(0, inf)", grad_clip="[0, inf)", lora_r="[0, inf)", lora_alpha="(0, inf)",
                lora_dropout="[0, 1)", eval_interval="[0, inf)", eval_size="[1, inf)", eval_batch_size="[1, inf)",
                eval_samples="[0, inf)", log_interval="[1, inf)", ckpt_interval="[0, inf)",
-               halt_at_step="[1, inf) or -1")
+               halt_at_step="[1, inf) or -1", peak_flops="(0, inf)")
 # init_from="resume" continues with the checkpoint's policy, critic, reference and data: these must not change
 _resume_fixed = ("dataset", "data_path", "eval_data_path", "n_train", "task_subset", "system_prompt", "seed",
                  "num_generations", "prompts_per_step", "max_new_tokens", "lora_r", "lora_alpha", "lora_targets",
@@ -426,8 +427,8 @@ if __name__ == "__main__":
     from data.records import DataError
     from data.rewards import get_reward_funcs, is_correct, load_gsm8k
     from data.tokenizer import get_tokenizer
-    from distributed import (check_replicas_identical, fsdp_gathered, grad_sync, parallelize, setup_distributed,
-                             teardown_distributed, unwrap)
+    from distributed import (check_replicas_identical, device_peak_flops, fsdp_gathered, grad_sync, mfu, parallelize,
+                             setup_distributed, teardown_distributed, unwrap)
     from lora import apply_lora, lora_disabled, lora_modules, merge_lora
     from model import RewardModel, Transformer
     from optim import configure_optimizer, lr_at, mark_nonfinite, stop_if_nonfinite
@@ -628,6 +629,8 @@ if __name__ == "__main__":
         model = torch.compile(model)
     raw_model = unwrap(model)
     trained = [raw_model] + ([unwrap(critic)] if critic is not None else [])  # the modules the optimizers step
+    if peak_flops is None and device.type == "cuda":
+        peak_flops = device_peak_flops(torch.cuda.get_device_name(device))
     sample_gen = torch.Generator(device=device).manual_seed(seed + rank)
     gen_tokens = 0  # completion tokens this rank generated (all rounds), for comparisons at equal sampling budgets
     if resume:
@@ -843,7 +846,8 @@ if __name__ == "__main__":
                          .tolist()))
         return stats, grad_norm, n_opt
 
-    def log_step(step, stats, grad_norm, n_opt, allgen, roll, n_kept, n_rounds, train_tokens, t_train, t_gen):
+    def log_step(step, stats, grad_norm, n_opt, allgen, roll, n_kept, n_rounds, train_tokens, train_flops, t_train,
+                 t_gen):
         """One log line: rank 0's share of the rollouts for the score and rollout statistics (roll: KL, advantages,
         returns, explained variance), the losses over all ranks."""
         n_tok, n = max(stats["tokens"], 1.0), max(n_opt, 1)
@@ -854,7 +858,9 @@ if __name__ == "__main__":
         names = list(reward_funcs) + (["rm"] if rm is not None else [])
         m = {"loss": (stats["loss"] / n, ".4f"), "lr": (optimizer.param_groups[0]["lr"], ".2e"),  # name: (value, fmt)
              "grad_norm": (float(getattr(grad_norm, "full_tensor", lambda: grad_norm)()), ".2f"),
-             "tok/s": (train_tokens / max(t_train, 1e-9), ",.0f"), "gen tok/s": (gen / max(t_gen, 1e-9), ",.0f"),
+             "tok/s": (train_tokens / max(t_train, 1e-9), ",.0f"),
+             "mfu": (mfu(train_flops, max(t_train, 1e-9), world_size, peak_flops), "s"),
+             "gen tok/s": (gen / max(t_gen, 1e-9), ",.0f"),
              "reward": (r.mean().item(), ".3f"), "reward_std": (r.std().item(), ".3f"),
              **{k: (v, ".3f") for k, v in zip(names, allgen["per_func"].mean(0).tolist())},
              "acc": (allgen["correct"].mean().item(), ".3f")}
@@ -883,7 +889,8 @@ if __name__ == "__main__":
         log(" | ".join(parts))
         for ex, text in list(zip(allgen["examples"], allgen["texts"]))[:eval_samples]:
             log(f"  {ex['prompt'][:80]!r} -> {text[:120]!r} (answer {ex['answer']!r})")
-        metrics.log(step, **{k.replace(" ", "_").replace("/", "_per_"): v for k, (v, _) in m.items()})
+        metrics.log(step, **{k.replace(" ", "_").replace("/", "_per_"): v for k, (v, _) in m.items()
+                             if not isinstance(v, str)})
 
     wandb = dict(project=wandb_project, name=wandb_run_name, config=config) if wandb_log else None
     metrics = MetricsLogger(out_dir, start_step if resume else None, enabled=master, wandb=wandb)
@@ -1000,9 +1007,19 @@ if __name__ == "__main__":
         t_train = time.time() - t1
         # tokens through the training forward/backward this step (all passes)
         train_tokens = (sum(len(p) for p in batch["prompts"]) + int(batch["lengths"].sum())) * n_opt // num_mini_batches
+        # model FLOPs of that phase on all ranks: the reference's and old values' forwards, then every pass of the
+        # update through the policy (and critic); the ptx batches are not counted
+        seqs = torch.tensor([len(p) for p in batch["prompts"]]) + batch["lengths"].cpu()
+        train_flops = float(raw_model.flops(seqs)) * n_opt / num_mini_batches
+        train_flops += float(raw_model.flops(seqs, backward=False)) if use_ref else 0.0
+        if ppo:
+            train_flops += float(unwrap(critic).flops(seqs, backward=False))
+            train_flops += float(unwrap(critic).flops(seqs)) * n_opt / num_mini_batches
+        train_flops *= world_size
         if (step + 1) % log_interval == 0 or step + 1 == last_step:
             stop_if_nonfinite(first_bad, ckpt_path=ckpt_path)
-            log_step(step + 1, stats, grad_norm, n_opt, allgen, roll, n_kept, n_rounds, train_tokens, t_train, t_gen)
+            log_step(step + 1, stats, grad_norm, n_opt, allgen, roll, n_kept, n_rounds, train_tokens, train_flops,
+                     t_train, t_gen)
 
     if ddp and parallel == "ddp":
         log(f"parameters identical on all {check_replicas_identical(model)} ranks"

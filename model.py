@@ -456,14 +456,39 @@ class Transformer(nn.Module):
         return n
 
     def flops_per_token(self, seq_len):
-        """Training FLOPs per token (forward + backward): 6 per weight of every matmul a token passes
-        through (active experts only, the lm_head included, the embedding lookup not) plus the attention
-        scores and values, 12 * n_layer * n_head * head_dim * seq_len (full-matrix convention of
-        nanoGPT/PaLM; causal masking halves the real work)."""
+        """Training FLOPs per token (forward + backward) of full sequences of seq_len: 6 per weight of every
+        matmul a token passes through (active experts only, the lm_head included, the embedding lookup not)
+        plus the attention scores and values, 12 * n_layer * n_head * head_dim * seq_len (full-matrix
+        convention of nanoGPT/PaLM; causal masking halves the real work). Assumes every weight is trained."""
+        return float(self.flops([seq_len], backward=True, frozen=False)) / seq_len
+
+    def flops(self, seq_lengths, backward=True, frozen=True):
+        """Model FLOPs of one pass over sequences of these lengths, for MFU. Each sequence attends over itself
+        only: a packed document counts as its own sequence, and padding counts for nothing (it is not the
+        model's work, so padded batches show as lower MFU). Per token: 2 FLOPs per matmul weight forward; the
+        backward adds 4 for a trained weight (input and weight gradients) and 2 for a frozen one (the input
+        gradient only, e.g. LoRA's base weights) -- frozen=False counts every weight as trained; attention
+        4 * n_layer * n_head * head_dim * the sequence's length forward, 3x that with the backward. Without an
+        lm_head (a reward model or critic) the head is its one output per token. Returns a float64 0-d tensor
+        on seq_lengths' device (no host sync when they are on the GPU)."""
         cfg = self.config
-        n = self.num_params(exclude_embeddings=True, active_only=True) + cfg.vocab_size * cfg.n_embd
-        n -= sum(p.numel() for name, p in self.named_parameters() if name.endswith("norm.weight") or "_norm." in name)
-        return 6 * n + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
+        lengths = torch.as_tensor(seq_lengths).double()
+        n_tok, n_sq = lengths.sum(), (lengths * lengths).sum()
+        is_norm = lambda name: name.endswith("norm.weight") or "_norm." in name  # noqa: E731
+        body = self.num_params(exclude_embeddings=True, active_only=True)  # every weight but the embedding/head
+        body -= sum(p.numel() for name, p in self.named_parameters() if is_norm(name))
+        head_w = self.lm_head.weight if self.lm_head is not None else None
+        head = cfg.vocab_size * cfg.n_embd if head_w is not None else cfg.n_embd
+        matmul = 2 * (body + head)
+        if backward:
+            weights = [p for name, p in self.named_parameters()
+                       if not name.startswith(("tok_emb.", "lm_head.")) and not is_norm(name)]
+            frozen_body = body * sum(p.numel() for p in weights if not p.requires_grad) / max(
+                sum(p.numel() for p in weights), 1)  # MoE: the active experts taken as frozen as the rest
+            frozen_head = head if head_w is not None and not head_w.requires_grad else 0
+            matmul += 4 * (body + head) - (2 * (frozen_body + frozen_head) if frozen else 0)
+        attn = 4 * cfg.n_layer * cfg.n_head * cfg.head_dim * (3 if backward else 1)
+        return matmul * n_tok + attn * n_sq
 
     # --- generation ---
 
@@ -516,6 +541,9 @@ class RewardModel(nn.Module):
 
     def update_moe_bias(self):
         return self.transformer.update_moe_bias()
+
+    def flops(self, seq_lengths, backward=True, frozen=True):  # Transformer.flops; the head is one output
+        return self.transformer.flops(seq_lengths, backward, frozen)
 
     def forward(self, idx, end_idx=None, *, positions=None, doc_ids=None):
         """idx (B, T), end_idx (B,) index of each row's final response token -> rewards (B,) fp32; end_idx None:

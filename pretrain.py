@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from checkpoint import (check_writable, checkpoint_dict, load_model, load_optimizer_state, optimizer_state_dict,
                         restore_rng_states, rng_states, save_checkpoint)
-from distributed import (check_replicas_identical, device_peak_flops, grad_sync, parallelize, setup_distributed,
+from distributed import (check_replicas_identical, device_peak_flops, grad_sync, mfu, parallelize, setup_distributed,
                          teardown_distributed)
 from model import ModelConfig, Transformer
 from optim import SCHEDULES, configure_optimizer, lr_at, mark_nonfinite, stop_if_nonfinite
@@ -307,12 +307,12 @@ if __name__ == "__main__":
             dt = time.time() - t_log
             tok_s = tokens_since_log / dt
             eta = (last_step - done) * (time.time() - t_start) / (done - start_step)
-            mfu = f"{flops_per_token * tok_s / world_size / peak_flops:.1%}" if peak_flops else "n/a"
+            step_mfu = mfu(flops_per_token * tokens_since_log, dt, world_size, peak_flops)
             mem = (f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}GiB" if device.type == "cuda"
                    else f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f}GiB rss")
             line = (f"step {done}/{max_steps} | loss {step_loss.item():.4f} | "
                     f"lr {optimizer.param_groups[0]['lr']:.2e} | grad_norm {grad_norm.item():.2f} | "
-                    f"tok/s {tok_s:,.0f} | mfu {mfu} | mem {mem}")
+                    f"tok/s {tok_s:,.0f} | mfu {step_mfu} | mem {mem}")
             if expert_load is not None:
                 line += f" | expert load max/mean {(expert_load.max(1).values * expert_load.shape[1]).mean():.2f}"
             if master:

@@ -138,6 +138,7 @@ grad_clip = 1.0
 # system
 parallel = "ddp"           # under torchrun: "ddp" or "fsdp"
 compile = False
+peak_flops = None          # dense bf16 FLOP/s of one device for MFU; None: looked up from the device name
 activation_checkpointing = False
 device = "auto"            # "auto" | "cpu" | "cuda"
 kernels = "auto"
@@ -165,7 +166,8 @@ _ranges = dict(val_fraction="(0, 1)", max_records="[1, inf) or -1", max_val_reco
                batch_size="[1, inf)", grad_accum="[1, inf)", num_epochs="(0, inf)", max_steps="[1, inf) or -1",
                lr="(0, inf)", min_lr="[0, inf)", warmup_steps="[0, inf)", weight_decay="[0, inf)", beta1="[0, 1)",
                beta2="[0, 1)", grad_clip="[0, inf)", log_interval="[1, inf)", eval_interval="[1, inf)",
-               ckpt_interval="[0, inf)", halt_at_step="[1, inf) or -1")
+               ckpt_interval="[0, inf)", halt_at_step="[1, inf) or -1",
+               peak_flops="(0, inf)")
 # init_from="resume" continues with the checkpoint's model and data: these must not change on resume
 _resume_fixed = ("data", "train_split", "val_data", "val_split", "val_fraction", "max_records", "max_val_records",
                  "max_len", "task_pairs", "task_val_pairs", "sampled_pairs", "num_samples", "sample_temperature",
@@ -188,7 +190,8 @@ if __name__ == "__main__":
     from data.preference import (encode_records, load_preferences, pad_batch, sampled_task_pairs, split_off,
                                  task_pairs as make_task_pairs)
     from data.tokenizer import get_tokenizer
-    from distributed import check_replicas_identical, grad_sync, parallelize, setup_distributed, teardown_distributed
+    from distributed import (check_replicas_identical, device_peak_flops, grad_sync, mfu, parallelize,
+                             setup_distributed, teardown_distributed)
     from lora import apply_lora
     from model import RewardModel, Transformer
     from optim import configure_optimizer, lr_at, mark_nonfinite, stop_if_nonfinite
@@ -347,7 +350,10 @@ if __name__ == "__main__":
     first_bad = torch.tensor(-1, device=device)  # the first non-finite step (optim.mark_nonfinite)
     t_start = t_log = time.time()
     n_train_tokens = 0
-    window = torch.zeros(5, device=device, dtype=torch.float64)  # loss, tokens, correct pairs, margin sum, pairs
+    if peak_flops is None and device.type == "cuda":
+        peak_flops = device_peak_flops(torch.cuda.get_device_name(device))
+    # loss, tokens, correct pairs, margin sum, pairs, model FLOPs
+    window = torch.zeros(6, device=device, dtype=torch.float64)
     for step in range(start_step, last_step + 1):
         final = step == last_step
         if (step % eval_interval == 0 or final) and not (resume and step == start_step):
@@ -380,7 +386,8 @@ if __name__ == "__main__":
             window[1:] += torch.stack([(idx != tok.pad_id).sum().double(),
                                        ((diff > 0).double() + 0.5 * (diff == 0).double()).sum(),
                                        diff.detach().double().sum(),
-                                       torch.tensor(float(diff.numel()), device=device, dtype=torch.float64)])
+                                       torch.tensor(float(diff.numel()), device=device, dtype=torch.float64),
+                                       raw_model.flops(end_idx + 1)])  # each row: its tokens up to the scored one
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
         first_bad = mark_nonfinite(first_bad, step, step_loss, grad_norm)
         optimizer.step()
@@ -392,11 +399,12 @@ if __name__ == "__main__":
             if ddp:  # and the window's pair stats over all ranks
                 dist.all_reduce(window)
             stop_if_nonfinite(first_bad, ckpt_path=ckpt_path)
-            loss_v, tokens, correct, margin_sum, n_pairs = window.tolist()
+            loss_v, tokens, correct, margin_sum, n_pairs, flops = window.tolist()
             dt = time.time() - t_log
             eta = (last_step - done) * (time.time() - t_start) / (done - start_step)
             log(f"step {done}/{steps} | loss {loss_v:.4f} | lr {cur_lr:.2e} | grad_norm {grad_norm.item():.2f} | "
-                f"tok/s {tokens / dt:,.0f} | acc {correct / n_pairs:.3f} | margin {margin_sum / n_pairs:.3f} | "
+                f"tok/s {tokens / dt:,.0f} | mfu {mfu(flops, dt, world_size, peak_flops)} | "
+                f"acc {correct / n_pairs:.3f} | margin {margin_sum / n_pairs:.3f} | "
                 f"eta {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
             metrics.log(done, loss=loss_v, lr=cur_lr, grad_norm=grad_norm.item(), accuracy=correct / n_pairs,
                         margin=margin_sum / n_pairs, tokens_per_sec=tokens / dt)

@@ -35,8 +35,8 @@ import torch.distributed as dist
 from checkpoint import (check_vocab, check_writable, checkpoint_dict, fingerprint, git_state, is_hf_source, load_model,
                         load_optimizer_state, model_state_dict, optimizer_state_dict, restore_rng_states, rng_states,
                         save_checkpoint)
-from distributed import (check_replicas_identical, fsdp_gathered, grad_sync, parallelize, setup_distributed,
-                         teardown_distributed, unwrap)
+from distributed import (check_replicas_identical, device_peak_flops, fsdp_gathered, grad_sync, mfu, parallelize,
+                         setup_distributed, teardown_distributed, unwrap)
 from lora import apply_lora, check_targets, lora_modules, merge_lora, merged_model
 from model import Transformer
 from optim import SCHEDULES, configure_optimizer, lr_at, mark_nonfinite, stop_if_nonfinite
@@ -107,6 +107,7 @@ kernels = "auto"           # auto | triton | torch
 dtype = "auto"             # weights: auto (as stored, fp32 on the CPU: HF bf16 stays bf16 on CUDA) | float32 |
                            # bfloat16
 compile = False
+peak_flops = None          # dense bf16 FLOP/s of one device for MFU; None: looked up from the device name
 report_dir = ""             # the summary goes into report_dir/<stage>.json and report.md ("": beside out_dir)
 wandb_log = False
 wandb_project = "sft"
@@ -121,7 +122,7 @@ _ranges = dict(n_train="[1, inf)", val_size="[0, inf)", max_seq_len="[1, inf) or
                lora_r="[0, inf)", lora_alpha="(0, inf)", lora_dropout="[0, 1)", neftune_alpha="[0, inf)",
                eval_interval="[0, inf)", eval_accuracy_size="[0, inf)", eval_samples="[0, inf)",
                eval_max_new_tokens="[1, inf)", log_interval="[1, inf)", ckpt_interval="[0, inf)",
-               halt_at_step="[1, inf) or -1")
+               halt_at_step="[1, inf) or -1", peak_flops="(0, inf)")
 # init_from="resume" continues with the checkpoint's model and data: these must not change on resume
 _resume_fixed = ("data", "data_split", "n_train", "val_data", "val_size", "packing", "max_seq_len", "seed", "lora_r",
                  "lora_alpha", "lora_targets", "lora_rslora", "lora_dropout", "neftune_alpha")
@@ -240,6 +241,8 @@ if __name__ == "__main__":
     if compile:
         model = torch.compile(model)
     raw_model = unwrap(model)
+    if peak_flops is None and device.type == "cuda":
+        peak_flops = device_peak_flops(torch.cuda.get_device_name(device))
 
     def to_device(mb):
         return {k: v.to(device, non_blocking=True) for k, v in mb.items()}
@@ -325,7 +328,7 @@ if __name__ == "__main__":
     last_step = max_steps if halt_at_step < 0 else min(halt_at_step, max_steps)
     first_bad = torch.tensor(-1, device=device)  # the first non-finite step (optim.mark_nonfinite)
     t0 = t_log = time.time()
-    tokens_since_log = n_train_tokens = 0
+    tokens_since_log = n_train_tokens = flops_since_log = 0
     for step in range(start_step, last_step + 1):
         final = step == last_step
         at_eval = step == 0 or (eval_interval and step % eval_interval == 0) or final
@@ -345,6 +348,8 @@ if __name__ == "__main__":
             g["lr"] = lr_at(step, max_steps, lr, warmup_steps, min_lr, lr_schedule)
         # every rank draws the same global sequence of micro-batches and keeps its share
         micro = [next(batches) for _ in range(grad_accum * world_size)][rank::world_size]
+        # model FLOPs of this step on all ranks (each rank's share taken as typical), counted on the host copy
+        flops_since_log += raw_model.flops(torch.cat([mb["seq_lengths"] for mb in micro])) * world_size
         micro = [to_device(mb) for mb in micro]
         # Loss normalisation. We want the gradient of (sum of token losses over the whole step, all
         # micro-batches on all ranks) / (number of target tokens in the whole step), so every target token
@@ -389,10 +394,11 @@ if __name__ == "__main__":
             eta = (now - t0) / (done - start_step) * (last_step - done)
             log(f"step {done}/{max_steps} | loss {loss:.4f} | lr {optimizer.param_groups[0]['lr']:.2e} | "
                 f"grad_norm {float(grad_norm):.2f} | tok/s {tokens_since_log / (now - t_log):,.0f} | "
+                f"mfu {mfu(flops_since_log, now - t_log, world_size, peak_flops)} | "
                 f"targets/step {int(n_tok):,} | eta {int(eta // 60)}m{int(eta % 60):02d}s")
             metrics.log(done, loss=loss, lr=optimizer.param_groups[0]["lr"], grad_norm=float(grad_norm),
                         tokens_per_sec=tokens_since_log / (now - t_log))
-            t_log, tokens_since_log = now, 0
+            t_log, tokens_since_log, flops_since_log = now, 0, 0
 
     if ddp and parallel == "ddp":
         log(f"parameters identical on all {check_replicas_identical(model)} ranks")

@@ -72,18 +72,21 @@ def packed_rows(lengths, max_seq_len, rng):
 
 
 def collate_padded(examples, pad_id):
-    """Right-padded rows; lengths (B,) is each conversation's own length (NEFTune scales its noise by it)."""
+    """Right-padded rows; lengths (B,) is each conversation's own length (NEFTune scales its noise by it), and
+    so are seq_lengths, the sequences the model attends over (what its FLOPs count: model.flops)."""
     T = max(len(x) for x, _ in examples)
     idx = torch.full((len(examples), T), pad_id, dtype=torch.long)
     targets = torch.full((len(examples), T), -100, dtype=torch.long)
     for b, (x, y) in enumerate(examples):
         idx[b, :len(x)] = torch.tensor(x)
         targets[b, :len(y)] = torch.tensor(y)
-    return dict(idx=idx, targets=targets, lengths=torch.tensor([len(x) for x, _ in examples]))
+    lengths = torch.tensor([len(x) for x, _ in examples])
+    return dict(idx=idx, targets=targets, lengths=lengths, seq_lengths=lengths)
 
 
 def collate_packed(rows, max_seq_len, pad_id):
-    """rows: list of lists of (inputs, targets) examples, each list fitting in max_seq_len."""
+    """rows: list of lists of (inputs, targets) examples, each list fitting in max_seq_len. seq_lengths: every
+    packed document's length (each attends over itself only; the padding tails are not counted)."""
     B, T = len(rows), max_seq_len
     idx = torch.full((B, T), pad_id, dtype=torch.long)
     targets = torch.full((B, T), -100, dtype=torch.long)
@@ -100,7 +103,8 @@ def collate_packed(rows, max_seq_len, pad_id):
             t += n
         doc_ids[b, t:] = len(row)        # the padding tail is a document of its own
         positions[b, t:] = torch.arange(T - t)
-    return dict(idx=idx, targets=targets, positions=positions, doc_ids=doc_ids)
+    seq_lengths = torch.tensor([len(x) for row in rows for x, _ in row])
+    return dict(idx=idx, targets=targets, positions=positions, doc_ids=doc_ids, seq_lengths=seq_lengths)
 
 
 def micro_batches(examples, batch_size, max_seq_len, pad_id, packing=True, seed=0, start=0):

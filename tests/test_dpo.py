@@ -142,12 +142,13 @@ def test_dpo_script_runs(tiny_ckpt, tmp_path):
     out = run_script(["dpo.py", f"--init_from={tiny_ckpt}", f"--out_dir={tmp_path / 'dpo'}", "--task_pairs=32",
                       "--task_val_pairs=8", "--sampled_pairs=8", "--num_samples=2", "--eval_tasks=10",
                       "--batch_size=8", "--max_steps=3", "--log_interval=1", "--eval_interval=3", "--rpo_alpha=0.0",
-                      "--kernels=torch"],
+                      "--kernels=torch", "--peak_flops=1e9"],
                      timeout=300)
     assert "step 0: val loss 0.6931" in out  # policy == reference at step 0
     for key in ("rewards/chosen", "rewards/rejected", "margins", "accuracy", "logps/chosen", "logps/rejected"):
         assert key in out
     assert "task exact-match" in out and "saved" in out
+    assert len(re.findall(r"^step \d+/3 \|.* mfu \d+\.\d% \|", out, re.M)) == 3  # with a given peak FLOP/s
     from checkpoint import load_model
     load_model(str(tmp_path / "dpo" / "ckpt.pt"))  # a plain language model
 

@@ -252,6 +252,26 @@ def test_num_params_closed_form():
     assert m.flops_per_token(64) == 6 * weights + 12 * 2 * 4 * 8 * 64
 
 
+
+def test_flops_of_packed_sequences_forward_only_and_lora_by_hand():
+    from lora import apply_lora
+    m = Transformer(small(ffn_hidden=48))
+    attn, mlp, head = 32 * 32 + 2 * 32 * 16 + 32 * 32, 3 * 32 * 48, 97 * 32  # per layer; the tied head once
+    W = 2 * (attn + mlp) + head
+    A = 2 * 4 * 8  # n_layer * n_head * head_dim
+    # two documents of 3 and 5 tokens: each attends over its own length (3^2 + 5^2), not over 8
+    assert float(m.flops([3, 5], backward=False)) == 2 * W * 8 + 4 * A * (9 + 25)
+    assert float(m.flops([3, 5])) == 6 * W * 8 + 12 * A * (9 + 25)
+    assert float(m.flops([64])) == m.flops_per_token(64) * 64
+    # LoRA on q and v (r=2): the base weights and the head are frozen, so their backward is the input gradient
+    # only (2 instead of 4 per weight); the adapters, d x r + r x out per target, are trained
+    apply_lora(m, targets=("q", "v"), r=2)
+    lora = 2 * ((32 * 2 + 2 * 32) + (32 * 2 + 2 * 16))
+    W_lora = W + lora
+    assert float(m.flops([3, 5])) == pytest.approx((2 * W_lora + 4 * lora + 2 * W) * 8 + 12 * A * 34, rel=1e-12)
+    assert float(m.flops([3, 5], frozen=False)) == 6 * W_lora * 8 + 12 * A * 34
+
+
 def test_checkpoint_roundtrip_is_atomic(tmp_path):
     torch.manual_seed(0)
     m = Transformer(small(qk_norm=True, n_experts=2, n_experts_per_tok=1))

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from conftest import ROOT, run_script
+from model import ModelConfig, Transformer
 
 TINY = ["--n_layer=2", "--n_head=4", "--n_kv_head=2", "--n_embd=64", "--seq_len=64", "--batch_size=4",
         "--warmup_steps=5", "--lr=3e-3", "--min_lr=3e-4", "--eval_iters=2", "--sample_tokens=8", "--kernels='torch'"]
@@ -27,10 +28,15 @@ def losses(out):
 
 def test_loss_falls(data_dir, tmp_path):
     out = run_script(["pretrain.py", f"--data={data_dir}", f"--out_dir={tmp_path}", "--max_steps=40",
-                      "--log_interval=5", "--eval_interval=40", "--ckpt_interval=40"] + TINY)
+                      "--log_interval=5", "--eval_interval=40", "--ckpt_interval=40", "--peak_flops=1e8"] + TINY)
     curve = losses(out)
     assert curve[40] < curve[5] - 1.0, curve
     assert "val loss" in out and "tok/s" in out and "eta" in out
+    # MFU = FLOPs per token (6 per weight + attention, by hand in tests/test_model.py) x tokens/s / peak
+    fpt = Transformer(ModelConfig(vocab_size=8192, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
+                                  max_seq_len=64)).flops_per_token(64)
+    for tok_s, pct in re.findall(r"tok/s ([\d,]+) \| mfu ([\d.]+)%", out):
+        assert float(pct) / 100 == pytest.approx(fpt * float(tok_s.replace(",", "")) / 1e8, rel=0.02, abs=1e-3)
     assert os.path.exists(tmp_path / "ckpt.pt")
 
 

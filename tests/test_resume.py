@@ -35,7 +35,7 @@ STAGES = {
             "--ptx_batch_size=2", "--lr=1e-3"],
 }
 HALT = {"sft": 3, "sft_lora": 3, "reward": 3, "dpo": 3, "grpo": 2, "rloo": 2, "ppo": 2, "dpo_kto": 3}
-TIMING = re.compile(r"(gen )?tok/s [\d,.]+|eta \d+m\d+s|\(\d+s\)")
+TIMING = re.compile(r"(gen )?tok/s [\d,.]+|mfu ([\d.]+%|n/a)|eta \d+m\d+s|\(\d+s\)")
 
 
 def step_lines(log):

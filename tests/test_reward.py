@@ -3,6 +3,7 @@ whatever the padding, learning on an easy set, and reward.py end to end."""
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -131,8 +132,9 @@ def test_reward_script_runs_and_saves_a_scorer(tiny_ckpt, tmp_path):
     out_dir = tmp_path / "rm"
     out = run_script(["reward.py", f"--init_from={tiny_ckpt}", f"--out_dir={out_dir}", "--task_pairs=48",
                       "--task_val_pairs=16", "--batch_size=8", "--max_steps=4", "--log_interval=2",
-                      "--eval_interval=4", "--kernels=torch"], timeout=300)
+                      "--eval_interval=4", "--kernels=torch", "--peak_flops=1e9"], timeout=300)
     assert "step 4/4 | loss" in out and "val accuracy" in out and "saved" in out
+    assert len(re.findall(r"^step \d+/4 \|.* mfu \d+\.\d% \|", out, re.M)) == 2  # with a given peak FLOP/s
     rm = load_model(str(out_dir / "ckpt.pt"), kind="reward")[0]
     r = score_conversations(rm, [[{"role": "user", "content": "What is 1 + 1?"}, {"role": "assistant", "content": a}]
                   for a in ("2", "3")], get_tokenizer("default"))

@@ -173,6 +173,7 @@ def test_sft_loss_falls(tiny_ckpt, tmp_path):
     assert ck["step"] == 25 and ck["tokenizer"] == "default" and ck["config"]["max_steps"] == 25
     load_model(path)[0]
     assert "held-out exact match" in log
+    assert "| mfu n/a |" in log  # no peak FLOP/s known for a CPU: said, not guessed
 
 
 def test_bad_record_through_sft(tiny_ckpt, tmp_path):
