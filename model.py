@@ -471,9 +471,19 @@ class Transformer(nn.Module):
         4 * n_layer * n_head * head_dim * the sequence's length forward, 3x that with the backward. Without an
         lm_head (a reward model or critic) the head is its one output per token. Returns a float64 0-d tensor
         on seq_lengths' device (no host sync when they are on the GPU)."""
-        cfg = self.config
         lengths = torch.as_tensor(seq_lengths).double()
-        n_tok, n_sq = lengths.sum(), (lengths * lengths).sum()
+        # the per-token constants walk every parameter: computed once per set of trained weights (the stages
+        # call this every step; LoRA or a frozen head changes the set)
+        key = (backward, frozen, tuple(p.requires_grad for p in self.parameters()))
+        cache = self.__dict__.setdefault("_flops_consts", {})
+        if key not in cache:
+            cache[key] = self._flops_per_token_consts(backward, frozen)
+        matmul, attn = cache[key]
+        return matmul * lengths.sum() + attn * (lengths * lengths).sum()
+
+    def _flops_per_token_consts(self, backward, frozen):
+        """(FLOPs per token of the matmuls, per token and position of attention) for flops()."""
+        cfg = self.config
         is_norm = lambda name: name.endswith("norm.weight") or "_norm." in name  # noqa: E731
         body = self.num_params(exclude_embeddings=True, active_only=True)  # every weight but the embedding/head
         body -= sum(p.numel() for name, p in self.named_parameters() if is_norm(name))
@@ -487,8 +497,7 @@ class Transformer(nn.Module):
                 sum(p.numel() for p in weights), 1)  # MoE: the active experts taken as frozen as the rest
             frozen_head = head if head_w is not None and not head_w.requires_grad else 0
             matmul += 4 * (body + head) - (2 * (frozen_body + frozen_head) if frozen else 0)
-        attn = 4 * cfg.n_layer * cfg.n_head * cfg.head_dim * (3 if backward else 1)
-        return matmul * n_tok + attn * n_sq
+        return matmul, 4 * cfg.n_layer * cfg.n_head * cfg.head_dim * (3 if backward else 1)
 
     # --- generation ---
 
