@@ -138,9 +138,14 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e1
                    "A800": 312e12, "L40S": 362e12, "4090": 165e12}
 
 
-def device_peak_flops(device_name):
-    """The dense bf16 peak of a device named like torch.cuda.get_device_name(), or None if unknown."""
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in device_name), None)
+def device_peak_flops(device):
+    """The dense bf16 peak of a CUDA device (a torch.device, or a name like torch.cuda.get_device_name()), or None
+    if it is unlisted or not a GPU (a CPU's peak is for the user to give)."""
+    if isinstance(device, torch.device):
+        if device.type != "cuda":
+            return None
+        device = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in device), None)
 
 
 def mfu(flops, seconds, world_size, peak_flops):

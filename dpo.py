@@ -633,8 +633,7 @@ if __name__ == "__main__":
     first_bad = torch.tensor(-1, device=device)  # the first non-finite step (optim.mark_nonfinite)
     t_start = t_log = time.time()
     n_train_tokens = 0
-    if peak_flops is None and device.type == "cuda":
-        peak_flops = device_peak_flops(torch.cuda.get_device_name(device))
+    peak_flops = peak_flops or device_peak_flops(device)  # for MFU; None on a CPU
     tokens, flops, window = torch.zeros((), device=device), 0, torch.zeros(n_stats, device=device)
     chosen_history, warned = [], False
     acc_after = None

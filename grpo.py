@@ -629,8 +629,7 @@ if __name__ == "__main__":
         model = torch.compile(model)
     raw_model = unwrap(model)
     trained = [raw_model] + ([unwrap(critic)] if critic is not None else [])  # the modules the optimizers step
-    if peak_flops is None and device.type == "cuda":
-        peak_flops = device_peak_flops(torch.cuda.get_device_name(device))
+    peak_flops = peak_flops or device_peak_flops(device)  # for MFU; None on a CPU
     sample_gen = torch.Generator(device=device).manual_seed(seed + rank)
     gen_tokens = 0  # completion tokens this rank generated (all rounds), for comparisons at equal sampling budgets
     if resume:

@@ -28,8 +28,8 @@ import torch.distributed as dist
 
 from checkpoint import (check_writable, checkpoint_dict, load_model, load_optimizer_state, optimizer_state_dict,
                         restore_rng_states, rng_states, save_checkpoint)
-from distributed import (check_replicas_identical, device_peak_flops, grad_sync, mfu, parallelize, setup_distributed,
-                         teardown_distributed)
+from distributed import (check_replicas_identical, device_peak_flops, grad_sync, mfu, parallelize,
+                         setup_distributed, teardown_distributed)
 from model import ModelConfig, Transformer
 from optim import SCHEDULES, configure_optimizer, lr_at, mark_nonfinite, stop_if_nonfinite
 from report import MetricsLogger, run_setup, write_summary
@@ -207,8 +207,7 @@ if __name__ == "__main__":
         del ckpt
     train_model = torch.compile(model) if compile else model  # forward through this
 
-    if peak_flops is None and device.type == "cuda":
-        peak_flops = device_peak_flops(torch.cuda.get_device_name(device))
+    peak_flops = peak_flops or device_peak_flops(device)  # for MFU; None on a CPU
     tokens_per_step = batch_size * seq_len * grad_accum * world_size
     if master:
         print(f"model: {n_params / 1e6:.2f}M params ({n_active / 1e6:.2f}M active, "

@@ -350,8 +350,7 @@ if __name__ == "__main__":
     first_bad = torch.tensor(-1, device=device)  # the first non-finite step (optim.mark_nonfinite)
     t_start = t_log = time.time()
     n_train_tokens = 0
-    if peak_flops is None and device.type == "cuda":
-        peak_flops = device_peak_flops(torch.cuda.get_device_name(device))
+    peak_flops = peak_flops or device_peak_flops(device)  # for MFU; None on a CPU
     # loss, tokens, correct pairs, margin sum, pairs, model FLOPs
     window = torch.zeros(6, device=device, dtype=torch.float64)
     for step in range(start_step, last_step + 1):

@@ -241,8 +241,7 @@ if __name__ == "__main__":
     if compile:
         model = torch.compile(model)
     raw_model = unwrap(model)
-    if peak_flops is None and device.type == "cuda":
-        peak_flops = device_peak_flops(torch.cuda.get_device_name(device))
+    peak_flops = peak_flops or device_peak_flops(device)  # for MFU; None on a CPU
 
     def to_device(mb):
         return {k: v.to(device, non_blocking=True) for k, v in mb.items()}
